@@ -1,0 +1,170 @@
+"""Checkpoint files: config, weights (packed where quantized), format and package versions.
+
+A checkpoint is one file written with ``torch.save`` and read with ``torch.load(weights_only=True)``
+(no pickled code is ever executed). Its top level is a plain dict::
+
+    {"format": "spikingbert_sim.checkpoint", "format_version": 1, "package_version": "0.1.0",
+     "config": {...SpikingBertConfig fields...},
+     "state": {name: tensor},                       # everything not packed
+     "packed": {name: {"mode": "binary" | "ternary", "shape": [out, in], "data": uint8 tensor}},
+     "meta": {...}}                                 # free-form: producing command, tokenizer, metrics
+
+Quantized weights are stored as their int8 {±1} / {-1, 0, 1} values packed at 1 or 2 bits per
+weight plus one scale per matrix; a checkpoint with packed weights loads as a frozen (inference)
+model. Writes go to a temporary file in the same folder and are renamed into place, so an
+interrupted save never leaves a half-written checkpoint under the final name.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .config import SpikingBertConfig
+from .errors import CheckpointError, ConfigError
+from .model import SpikingBertForSequenceClassification
+from .quantization import BITS, QuantLinear, pack, unpack
+
+FORMAT_NAME = "spikingbert_sim.checkpoint"
+FORMAT_VERSION = 1
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def safe_torch_load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load(weights_only=True)`` with every failure turned into a one-line CheckpointError."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"no such file: {path}")
+    if not path.is_file():
+        raise CheckpointError(f"not a file: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # weights_only refuses any pickle that would import or call code.
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path} was refused: it is not a plain-tensor checkpoint ({first[:160]})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt: {first[:160]})") from None
+
+
+@dataclass
+class LoadedCheckpoint:
+    model: SpikingBertForSequenceClassification
+    meta: dict[str, Any] = field(default_factory=dict)
+    package_version: str = ""
+    path: str = ""
+
+
+WORD_EMBEDDINGS = "embeddings.word_embeddings.weight"
+
+
+def checkpoint_dict(model: SpikingBertForSequenceClassification, meta: dict[str, Any] | None = None,
+                    packed: bool = True, half_embeddings: bool = True) -> dict[str, Any]:
+    """The checkpoint as a dict (what :func:`save_checkpoint` writes).
+
+    ``half_embeddings`` stores the word-embedding table (vocab × hidden, most of a packed model's
+    bytes) in float16; it loads back as float32. The stored model is the one that is evaluated.
+    """
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if half_embeddings:
+        state[WORD_EMBEDDINGS] = state[WORD_EMBEDDINGS].to(torch.float16)
+    packed_weights: dict[str, dict[str, Any]] = {}
+    if packed and model.config.weight_mode != "fp":
+        for name, module in model.named_modules():
+            if isinstance(module, QuantLinear) and module.mode != "fp":
+                values, scale = module.quantized()
+                state.pop(f"{name}.weight", None)
+                state.pop(f"{name}.qweight", None)
+                state[f"{name}.scale"] = scale.detach().cpu().float().clone()
+                packed_weights[f"{name}.qweight"] = {
+                    "mode": module.mode, "shape": list(values.shape), "data": pack(values.cpu(), module.mode)}
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "package_version": __version__,
+        "config": model.config.to_dict(),
+        "state": state,
+        "packed": packed_weights,
+        "meta": dict(meta or {}),
+    }
+
+
+def save_checkpoint(model: SpikingBertForSequenceClassification, path: str | os.PathLike,
+                    meta: dict[str, Any] | None = None, packed: bool = True, half_embeddings: bool = True) -> Path:
+    """Write ``model`` to ``path`` atomically. Quantized weights are packed unless ``packed=False``
+    (which keeps the latent full-precision weights, e.g. to continue training); the word
+    embeddings are stored in float16 unless ``half_embeddings=False``."""
+    atomic_torch_save(checkpoint_dict(model, meta, packed, half_embeddings), path)
+    return Path(path)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> LoadedCheckpoint:
+    """Read a checkpoint written by :func:`save_checkpoint`; every problem is a CheckpointError."""
+    obj = safe_torch_load(path, map_location)
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT_NAME:
+        raise CheckpointError(f"{path} is not a spikingbert_sim checkpoint")
+    version = obj.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
+        raise CheckpointError(
+            f"{path} has checkpoint format version {version!r} (written by spikingbert_sim "
+            f"{obj.get('package_version', '?')}); this spikingbert_sim {__version__} reads version {FORMAT_VERSION}")
+    try:
+        config = SpikingBertConfig.from_dict(obj.get("config"))
+    except (ConfigError, TypeError) as exc:
+        raise CheckpointError(f"{path} holds an invalid config: {exc}") from None
+    state = dict(obj.get("state") or {})
+    packed = obj.get("packed") or {}
+    model = SpikingBertForSequenceClassification(config)
+    try:
+        for name, entry in packed.items():
+            mode, shape, data = entry["mode"], tuple(entry["shape"]), entry["data"]
+            if mode not in BITS:
+                raise ValueError(f"unknown packing mode {mode!r}")
+            module = model.get_submodule(name.rsplit(".", 1)[0])
+            if not isinstance(module, QuantLinear):
+                raise ValueError(f"{name} is not a quantized layer")
+            module.freeze()
+            state[name] = unpack(data, mode, shape)
+        if WORD_EMBEDDINGS in state and state[WORD_EMBEDDINGS].dtype == torch.float16:
+            state[WORD_EMBEDDINGS] = state[WORD_EMBEDDINGS].float()
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
+        raise CheckpointError(f"{path} has weights that do not fit its config: {str(exc).splitlines()[0][:200]}") from None
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:3])}{'...' if len(missing) > 3 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {', '.join(unexpected[:3])}{'...' if len(unexpected) > 3 else ''}")
+        raise CheckpointError(f"{path} has weights that do not fit its config: {'; '.join(parts)}")
+    model.eval()
+    return LoadedCheckpoint(model=model, meta=dict(obj.get("meta") or {}),
+                            package_version=str(obj.get("package_version", "")), path=str(path))

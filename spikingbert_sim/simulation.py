@@ -1,0 +1,298 @@
+"""Time-stepped simulation of a spiking BERT, with recording of ASR traces and spike rasters.
+
+Two engines compute the same spikes (``tests/test_simulation.py`` checks equality in float64):
+
+* ``reference``: one time step at a time through snnTorch neurons (:class:`SubtractResetLIF`);
+  the faithful baseline, and the only one that runs models with a feedback connection.
+* ``fast`` (default): layer by layer, all T steps at once. Each layer's input currents for every
+  step are one large matrix product over T·B·L rows, then the neuron recurrence runs over T as a
+  scan (:func:`~spikingbert_sim.neurons.if_scan`, or the fused kernel of
+  :mod:`spikingbert_sim.kernels` on CUDA). Exact, because the network is feed-forward inside a
+  time step (SPEC §3).
+
+Recording never touches the dynamics: the engines hand each site's spikes to a :class:`Recorder`
+after they are computed. The mean ASR trace of a site is the mean over its *valid* neurons
+(padding tokens excluded) of Eqn 2's ASR at every step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .errors import ConfigError
+from .model import SpikingBertForSequenceClassification, attention_mask_bias
+from .neurons import SubtractResetLIF, asr_weights, if_scan
+
+ENGINES = ("reference", "fast")
+DEFAULT_SETTLE_TOL = 0.01
+
+
+@dataclass(frozen=True)
+class RecordOptions:
+    """What to record beyond the always-on mean ASR traces, final ASRs and spike counts.
+
+    per_neuron: keep per-neuron ASR traces, (T, B, L, width), for the sites in ``sites``.
+    sites: sites for per-neuron traces; None means every site.
+    raster_sites: sites whose spike rasters to keep.
+    raster_sequences / raster_tokens / raster_neurons: which sequences, token positions and
+        neurons the rasters keep; an int ``raster_neurons`` means the first that many.
+    """
+
+    per_neuron: bool = False
+    sites: tuple[str, ...] | None = None
+    raster_sites: tuple[str, ...] = ()
+    raster_sequences: tuple[int, ...] = (0,)
+    raster_tokens: tuple[int, ...] = (0,)
+    raster_neurons: int | tuple[int, ...] = 64
+
+
+def settling_step(trace: np.ndarray | Tensor, tol: float = DEFAULT_SETTLE_TOL) -> int:
+    """First time step t (1-based) after which the trace stays within ``tol`` of its final value.
+
+    That is the smallest t with |a[t'] − a[T]| ≤ tol for every t' ≥ t. The final value stands for
+    the equilibrium; with the default tol = 0.01 a layer has settled once its mean ASR no longer
+    moves by more than one spike per hundred neuron-steps.
+    """
+    a = np.asarray(trace.detach().cpu() if isinstance(trace, Tensor) else trace, dtype=np.float64)
+    outside = np.nonzero(np.abs(a - a[-1]) > tol)[0]
+    return int(outside[-1]) + 2 if outside.size else 1
+
+
+@dataclass
+class SimulationResult:
+    """Everything one simulation measured. Traces are time-first; sites are named as in
+    :meth:`SpikingBertForSequenceClassification.site_names`."""
+
+    logits: Tensor  # (B, num_labels)
+    timesteps: int  # T
+    leak: float  # γ used for the ASRs
+    asr: dict[str, Tensor]  # final ASR per neuron, (B, L, width)
+    asr_trace: dict[str, Tensor]  # mean ASR over valid neurons at each step, (T,) float64
+    spike_counts: dict[str, float]  # spikes over valid neurons and all T steps
+    neuron_counts: dict[str, int]  # valid neurons (valid tokens × width)
+    neuron_asr_trace: dict[str, Tensor] = field(default_factory=dict)  # (T, B, L, width) on request
+    rasters: dict[str, Tensor] = field(default_factory=dict)  # (T, sequences, tokens, neurons) uint8
+    raster_index: dict[str, tuple] = field(default_factory=dict)  # (sequences, tokens, neurons) kept
+
+    def predictions(self) -> Tensor:
+        """Class ids (argmax), or the regression value when the head has one output."""
+        return self.logits.squeeze(-1) if self.logits.shape[-1] == 1 else self.logits.argmax(-1)
+
+    def settling_steps(self, tol: float = DEFAULT_SETTLE_TOL) -> dict[str, int]:
+        return {site: settling_step(trace, tol) for site, trace in self.asr_trace.items()}
+
+    def spikes_per_neuron(self) -> dict[str, float]:
+        """Spikes per valid neuron over the T steps, per site."""
+        return {s: self.spike_counts[s] / max(self.neuron_counts[s], 1) for s in self.spike_counts}
+
+    def total_spikes(self) -> float:
+        return float(sum(self.spike_counts.values()))
+
+
+class Recorder:
+    """Collects ASR statistics from spikes an engine hands over, step by step or all at once.
+
+    Statistics stay on the simulation's device until :meth:`finish`: no host sync per step.
+    """
+
+    def __init__(self, model: SpikingBertForSequenceClassification, attention_mask: Tensor,
+                 timesteps: int, options: RecordOptions | None = None) -> None:
+        self.options = options or RecordOptions()
+        self.timesteps = timesteps
+        self.leak = float(model.config.leak)
+        self.mask = attention_mask.to(torch.bool)  # (B, L)
+        self.valid_tokens = int(self.mask.sum())
+        self.widths = {s: model.site_width(s) for s in model.site_names()}
+        unknown = set(self.options.raster_sites) | set(self.options.sites or ())
+        unknown -= set(self.widths)
+        if unknown:
+            raise ConfigError(f"unknown site(s) to record: {', '.join(sorted(unknown))}")
+        self.per_neuron_sites = set(self.widths if self.options.sites is None else self.options.sites)
+        self.weighted: dict[str, Tensor] = {}  # Σ γ^{t-τ} s[τ] per neuron, (B, L, width)
+        self.step_means: dict[str, list[Tensor]] = {s: [] for s in self.widths}  # mean spike per step
+        self.totals: dict[str, Tensor] = {}
+        self.per_neuron: dict[str, list[Tensor]] = {}
+        self.rasters: dict[str, list[Tensor]] = {}
+        self.raster_index: dict[str, tuple] = {}
+        self._norm = asr_weights(timesteps, self.leak)  # (T,) float64, CPU
+
+    def _valid(self, spikes: Tensor) -> Tensor:
+        """Spikes with padding tokens zeroed: (..., B, L, W)."""
+        return spikes * self.mask[..., None].to(spikes.dtype)
+
+    def _raster_select(self, site: str, spikes: Tensor) -> Tensor:
+        """(..., B, L, W) -> (..., sequences, tokens, neurons) as uint8."""
+        o = self.options
+        B, L, W = spikes.shape[-3:]
+        seqs = [i for i in o.raster_sequences if i < B]
+        toks = [i for i in o.raster_tokens if i < L]
+        neurons = list(range(min(o.raster_neurons, W))) if isinstance(o.raster_neurons, int) \
+            else [i for i in o.raster_neurons if i < W]
+        self.raster_index[site] = (tuple(seqs), tuple(toks), tuple(neurons))
+        dev = spikes.device
+        sel = spikes.index_select(-3, torch.tensor(seqs, device=dev, dtype=torch.long))
+        sel = sel.index_select(-2, torch.tensor(toks, device=dev, dtype=torch.long))
+        sel = sel.index_select(-1, torch.tensor(neurons, device=dev, dtype=torch.long))
+        return sel.to(torch.uint8)
+
+    def step(self, site: str, spikes: Tensor) -> None:
+        """Record one time step of ``site``'s spikes, (B, L, W)."""
+        self.block(site, spikes.unsqueeze(0))
+
+    def block(self, site: str, spikes: Tensor) -> None:
+        """Record consecutive time steps of ``site``'s spikes at once, (t, B, L, W)."""
+        valid = self._valid(spikes)
+        per_step = valid.sum(dim=(-3, -2, -1))  # (t,)
+        self.step_means[site].append(per_step.to(torch.float64) / (self.valid_tokens * self.widths[site]))
+        self.totals[site] = self.totals.get(site, 0) + per_step.sum().to(torch.float64)
+        acc = self.weighted.get(site)
+        if self.leak == 1.0:
+            acc = spikes.sum(0) if acc is None else acc + spikes.sum(0)
+            if self.options.per_neuron and site in self.per_neuron_sites:
+                base = 0 if len(self.per_neuron.get(site, [])) == 0 else self.weighted[site]
+                self.per_neuron.setdefault(site, []).append(torch.cumsum(spikes, 0) + base)
+        else:
+            for s in spikes:
+                acc = s.clone() if acc is None else self.leak * acc + s
+                if self.options.per_neuron and site in self.per_neuron_sites:
+                    self.per_neuron.setdefault(site, []).append(acc.unsqueeze(0))
+        self.weighted[site] = acc
+        if site in self.options.raster_sites:
+            self.rasters.setdefault(site, []).append(self._raster_select(site, spikes))
+
+    def final_asr(self, site: str) -> Tensor:
+        return self.weighted[site] / float(self._norm[-1])
+
+    def finish(self, logits: Tensor) -> SimulationResult:
+        T = self.timesteps
+        traces = {}
+        for site, chunks in self.step_means.items():
+            means = torch.cat(chunks).cpu()  # (T,) mean spike per valid neuron at each step
+            if means.numel() != T:
+                raise RuntimeError(f"site {site} recorded {means.numel()} steps, expected {T}")
+            if self.leak == 1.0:
+                weighted = torch.cumsum(means, 0)
+            else:
+                weighted = torch.empty_like(means)
+                acc = 0.0
+                for t in range(T):
+                    acc = self.leak * acc + means[t]
+                    weighted[t] = acc
+            traces[site] = weighted / self._norm
+        norm = self._norm.to(logits.device)
+        per_neuron = {}
+        for site, chunks in self.per_neuron.items():
+            w = torch.cat(chunks)
+            per_neuron[site] = w / norm.view(T, 1, 1, 1).to(w.dtype)
+        return SimulationResult(
+            logits=logits,
+            timesteps=T,
+            leak=self.leak,
+            asr={s: self.final_asr(s) for s in self.weighted},
+            asr_trace=traces,
+            spike_counts={s: float(v) for s, v in self.totals.items()},
+            neuron_counts={s: self.valid_tokens * w for s, w in self.widths.items()},
+            neuron_asr_trace=per_neuron,
+            rasters={s: torch.cat(v).cpu() for s, v in self.rasters.items()},
+            raster_index=dict(self.raster_index),
+        )
+
+
+def check_timesteps(timesteps: object) -> int:
+    if isinstance(timesteps, bool) or not isinstance(timesteps, (int, np.integer)) or timesteps <= 0:
+        raise ConfigError(f"timesteps must be a positive integer, got {timesteps!r}")
+    return int(timesteps)
+
+
+def _run_reference(model: SpikingBertForSequenceClassification, embedded: Tensor, mask_bias: Tensor,
+                   timesteps: int, recorder: Recorder) -> None:
+    """One step at a time through snnTorch neurons (one neuron module per site)."""
+    cfg = model.config
+    neurons = {s: SubtractResetLIF(cfg.threshold, cfg.leak).to(embedded.device, embedded.dtype)
+               for s in model.site_names()}
+    mems: dict[str, Tensor] = {}
+
+    def fire(site: str, current: Tensor) -> Tensor:
+        mem = mems.get(site)
+        spike, mems[site] = neurons[site](current, torch.zeros_like(current) if mem is None else mem)
+        recorder.step(site, spike)
+        return spike
+
+    last = None
+    for _ in range(timesteps):
+        last = model.encode(model.input_current(embedded, last), fire, mask_bias)
+
+
+def _run_fast(model: SpikingBertForSequenceClassification, embedded: Tensor, mask_bias: Tensor,
+              timesteps: int, recorder: Recorder) -> None:
+    """Layer by layer with all T steps at once: (T, B, L, D) tensors, scan over T per site."""
+    if model.feedback is not None:
+        raise ConfigError("the fast engine cannot run a model with a feedback connection; use engine='reference'")
+    cfg = model.config
+
+    def fire(site: str, current: Tensor) -> Tensor:
+        if current.dim() == embedded.dim():  # the constant input current: the same at every step
+            current = current.expand(timesteps, *current.shape)
+        spikes, _ = if_scan(current, cfg.threshold, cfg.leak)  # (T, B, L, W)
+        recorder.block(site, spikes)
+        return spikes
+
+    model.encode(embedded, fire, mask_bias)
+
+
+def simulate(model: SpikingBertForSequenceClassification, input_ids: Tensor,
+             attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None,
+             timesteps: int = 80, engine: str = "fast", record: RecordOptions | None = None) -> SimulationResult:
+    """Simulate ``timesteps`` steps of spiking inference on a batch (no gradients).
+
+    Args:
+        input_ids, attention_mask, token_type_ids: (B, L) as a BERT tokenizer returns them.
+        timesteps: T, a positive integer.
+        engine: ``"fast"`` (default; falls back to ``"reference"`` for feedback models) or
+            ``"reference"``.
+        record: what else to record (per-neuron traces, rasters); see :class:`RecordOptions`.
+
+    Returns a :class:`SimulationResult`; its logits come from the final layer's [CLS] ASR.
+    """
+    timesteps = check_timesteps(timesteps)
+    if engine not in ENGINES:
+        raise ConfigError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if input_ids.dim() != 2:
+        raise ConfigError(f"input_ids must be (batch, tokens), got shape {tuple(input_ids.shape)}")
+    if input_ids.shape[1] > model.config.max_position_embeddings:
+        raise ConfigError(f"sequence of {input_ids.shape[1]} tokens exceeds max_position_embeddings "
+                          f"({model.config.max_position_embeddings})")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if attention_mask.shape != input_ids.shape:
+        raise ConfigError(f"attention_mask shape {tuple(attention_mask.shape)} differs from input_ids "
+                          f"{tuple(input_ids.shape)}")
+    if engine == "fast" and model.feedback is not None:
+        engine = "reference"
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            embedded = model.embeddings(input_ids, token_type_ids)  # (B, L, D)
+            mask_bias = attention_mask_bias(attention_mask, embedded.dtype)
+            recorder = Recorder(model, attention_mask, timesteps, record)
+            if engine == "reference":
+                _run_reference(model, embedded, mask_bias, timesteps, recorder)
+            else:
+                _run_fast(model, embedded, mask_bias, timesteps, recorder)
+            logits = model.readout(recorder.final_asr(model.output_site).to(embedded.dtype))
+            return recorder.finish(logits)
+    finally:
+        model.train(was_training)
+
+
+def simulate_batches(model: SpikingBertForSequenceClassification, batches: Sequence[dict[str, Tensor]],
+                     **kwargs) -> list[SimulationResult]:
+    """:func:`simulate` over several tokenized batches (dicts with input_ids, attention_mask, ...)."""
+    return [simulate(model, b["input_ids"], b.get("attention_mask"), b.get("token_type_ids"), **kwargs)
+            for b in batches]
