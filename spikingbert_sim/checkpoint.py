@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
-import zipfile
+import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ import torch
 from . import __version__
 from .config import SpikingBertConfig
 from .errors import CheckpointError, ConfigError
+from .fileio import atomic_path
 from .model import SpikingBertForSequenceClassification
 from .quantization import BITS, QuantLinear, pack, unpack
 
@@ -39,22 +40,8 @@ FORMAT_VERSION = 1
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` to a temporary file beside ``path``, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def safe_torch_load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
@@ -65,12 +52,19 @@ def safe_torch_load(path: str | os.PathLike, map_location: str | torch.device = 
     if not path.is_file():
         raise CheckpointError(f"not a file: {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": noise before the error
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        # weights_only refuses any pickle that would import or call code.
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        # weights_only refuses any pickle that would import or call code. Its message is a page of
+        # advice; keep only the reason (after "WeightsUnpickler error:"), without ANSI escapes.
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+        reason = text.split("WeightsUnpickler error:", 1)[-1]
+        lines = [line.strip() for line in reason.splitlines() if line.strip()]
+        first = lines[0] if lines else type(exc).__name__
         raise CheckpointError(f"{path} was refused: it is not a plain-tensor checkpoint ({first[:160]})") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError) as exc:
+    except Exception as exc:  # noqa: BLE001 - any other failure of a weights-only load is a corrupt file
+        # (seen: RuntimeError, EOFError, OSError, KeyError, IndexError from truncated or random bytes)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt: {first[:160]})") from None
 
@@ -140,6 +134,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         config = SpikingBertConfig.from_dict(obj.get("config"))
     except (ConfigError, TypeError) as exc:
         raise CheckpointError(f"{path} holds an invalid config: {exc}") from None
+    for key in ("state", "packed", "meta"):
+        if not isinstance(obj.get(key) or {}, dict):
+            raise CheckpointError(f"{path} has a malformed {key!r} entry (expected a mapping)")
     state = dict(obj.get("state") or {})
     packed = obj.get("packed") or {}
     model = SpikingBertForSequenceClassification(config)

@@ -50,9 +50,9 @@ def log(msg: str) -> None:
 
 def _register() -> None:
     # Each command sits in the cli_* module of its subject; each such module lists COMMANDS.
-    from . import cli_sim
+    from . import cli_sim, cli_train
 
-    for module in (cli_sim,):
+    for module in (cli_sim, cli_train):
         for command in module.COMMANDS:
             main.add_command(command)
 

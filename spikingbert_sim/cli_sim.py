@@ -42,12 +42,14 @@ def _load(checkpoint: str):
 
 
 def _inputs(model, texts, task, data, split, limit):
-    from .runner import PAIR_TASKS, task_inputs, texts_to_inputs
+    from .runner import PAIR_TASKS, check_head_fits_task, task_inputs, texts_to_inputs
 
     if texts and task:
         raise click.UsageError("give either --text or --task, not both")
     if task:
-        return task_inputs(task, data, split=split, limit=limit)
+        inputs = task_inputs(task, data, split=split, limit=limit)
+        check_head_fits_task(model, task)  # before simulating, not after
+        return inputs
     pairs = model.config.task in PAIR_TASKS
     return texts_to_inputs(list(texts), pairs=pairs)
 
@@ -125,7 +127,8 @@ def draw_run_figures(traces: dict[str, np.ndarray], rasters: dict[str, np.ndarra
     plot_layer_convergence(axes[1], traces, layer_sites, deviation=True, title="Distance to final ASR")
     written.append(save_figure(fig, out / "asr_convergence.png"))
     if rasters:
-        fig, axes = plt.subplots(len(rasters), 1, figsize=(10, 2.6 * len(rasters)), squeeze=False)
+        fig, axes = plt.subplots(len(rasters), 1, figsize=(10, 2.6 * len(rasters)), squeeze=False,
+                                 layout="constrained")
         for ax, (site, r) in zip(axes[:, 0], rasters.items()):
             plot_raster(ax, r[:, 0, 0, :], title=f"{site}: spikes of sequence 0, token 0 ([CLS])")
         written.append(save_figure(fig, out / "raster.png"))

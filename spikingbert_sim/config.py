@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +49,16 @@ class SpikingBertConfig:
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                      "intermediate_size", "max_position_embeddings", "type_vocab_size", "num_labels"):
             positive_int(name)
+        # Type checks first, so that a string or None (e.g. from a JSON config) gets an error that
+        # names the field instead of a TypeError from the range comparisons below.
+        for name in ("threshold", "leak", "layer_norm_eps", "quant_eps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise ConfigError(f"{name} must be a number, got {value!r}")
+        if isinstance(self.pad_token_id, bool) or not isinstance(self.pad_token_id, int):
+            raise ConfigError(f"pad_token_id must be an integer, got {self.pad_token_id!r}")
+        if isinstance(self.label_names, (str, bytes)) or not isinstance(self.label_names, (tuple, list)):
+            raise ConfigError(f"label_names must be a list of class names, got {self.label_names!r}")
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
@@ -94,10 +105,7 @@ class SpikingBertConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ConfigError(f"unknown config field(s): {', '.join(unknown)}")
-        d = dict(d)
-        if "label_names" in d:
-            d["label_names"] = tuple(d["label_names"])
-        return cls(**d)
+        return cls(**d)  # __post_init__ validates label_names and stores it as a tuple
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)

@@ -7,6 +7,7 @@ The offline default is the MiniLM-L6-H384 (uncased) BERT shipped by the PyPI pac
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,21 @@ def load_bert(name_or_path: str | None = None, num_labels: int | None = None) ->
     import transformers
 
     source = name_or_path or default_model_path()
+    # transformers draws a "Loading weights" progress bar on stderr; keep it off when stderr is not
+    # a terminal (logs, pipes, CliRunner), like every other progress bar of the toolkit.
+    from transformers.utils import logging as hf_logging
+
+    quiet = hf_logging.is_progress_bar_enabled() and not sys.stderr.isatty()
+    if quiet:
+        hf_logging.disable_progress_bar()
+    try:
+        return _load_bert(transformers, source, num_labels)
+    finally:
+        if quiet:
+            hf_logging.enable_progress_bar()
+
+
+def _load_bert(transformers, source: str, num_labels: int | None) -> nn.Module:
     try:
         config = transformers.AutoConfig.from_pretrained(source)
         if getattr(config, "model_type", None) != "bert":

@@ -103,6 +103,11 @@ class SubtractResetLIF(snn.Leaky):
     def __init__(self, threshold: float = 1.0, leak: float = 1.0, spike_grad=None) -> None:
         super().__init__(beta=leak, threshold=threshold, spike_grad=spike_grad,
                          reset_mechanism="subtract", reset_delay=False)
+        # snnTorch stores V_th and γ as float32 buffers, so after `.double()` a threshold of 0.7
+        # would be float32(0.7) = 0.69999998...: a float64 membrane of exactly 0.7 would fire, unlike
+        # if_step. Keep the exact values in float64; float32 models cast them down as before.
+        self.threshold = torch.as_tensor(threshold, dtype=torch.float64)
+        self.beta = torch.as_tensor(leak, dtype=torch.float64)
         # snnTorch keeps every neuron ever built in a class-level list (for init_hidden); we pass
         # the membrane explicitly, so drop ours from it and let it be garbage collected.
         instances = snn.SpikingNeuron.instances

@@ -11,7 +11,6 @@ on it and returns it (snnTorch's spikeplot style); :func:`save_figure` writes a 
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -20,6 +19,8 @@ import matplotlib
 matplotlib.use("Agg")  # figures are saved, never shown
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+from .fileio import atomic_path  # noqa: E402
 
 
 def _np(x) -> np.ndarray:
@@ -115,14 +116,9 @@ def plot_accuracy_vs_timesteps(ax, curves: Mapping[str, tuple[Sequence[int], Seq
 def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> Path:
     """Save ``fig`` to ``path`` through a temporary file and close it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
-        os.replace(tmp, path)
+        with atomic_path(path, suffix=path.suffix) as tmp:
+            fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
         plt.close(fig)
     return path

@@ -13,7 +13,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError, DataError
+from .fileio import atomic_write_bytes, atomic_write_text  # noqa: F401  (re-exported for the CLI)
 from .model import SpikingBertForSequenceClassification
 from .simulation import DEFAULT_SETTLE_TOL, RecordOptions, SimulationResult, settling_step, simulate
 
@@ -53,6 +53,16 @@ def texts_to_inputs(texts: list[str], pairs: bool = False) -> Inputs:
             raise ConfigError(f"this model classifies sentence pairs: give --text an even number of times, got {len(texts)}")
         return Inputs(text_a=list(texts[0::2]), text_b=list(texts[1::2]))
     return Inputs(text_a=list(texts))
+
+
+def check_head_fits_task(model: SpikingBertForSequenceClassification, task: str) -> None:
+    """Refuse to score a model on a task whose label count its head does not have."""
+    from .data import get_task
+
+    info = get_task(task)
+    if model.config.num_labels != info.num_labels:
+        raise ConfigError(f"the model has {model.config.num_labels} output(s) but task {info.name} has "
+                          f"{info.num_labels} label(s); convert or train a model for {info.name}")
 
 
 def task_inputs(task: str, data_dir: str | None, split: str = "validation", limit: int | None = None) -> Inputs:
@@ -184,6 +194,8 @@ def summarize(result: SimulationResult, model: SpikingBertForSequenceClassificat
     if inputs is not None and inputs.labels is not None and inputs.task:
         from .metrics import compute_metrics
 
+        check_head_fits_task(model, inputs.task)
+
         summary["metrics"] = {k: float(v) for k, v in compute_metrics(
             inputs.task, result.logits.float().numpy(), np.asarray(inputs.labels)).items()}
     if extra:
@@ -192,22 +204,6 @@ def summarize(result: SimulationResult, model: SpikingBertForSequenceClassificat
 
 
 # --- traces.npz ----------------------------------------------------------------------------------
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    _atomic_write_bytes(Path(path), text.encode("utf-8"))
-
 
 def save_traces(path: str | os.PathLike, result: SimulationResult, meta: dict[str, Any] | None = None) -> Path:
     """Write ``asr/<site>`` (T,) mean traces, ``asr_neuron/<site>`` (T, B, L, W) per-neuron traces if
@@ -227,7 +223,7 @@ def save_traces(path: str | os.PathLike, result: SimulationResult, meta: dict[st
     arrays["meta"] = np.asarray(json.dumps(info))
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)
-    _atomic_write_bytes(Path(path), buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
     return Path(path)
 
 
@@ -249,7 +245,7 @@ def load_traces(path: str | os.PathLike) -> Traces:
     try:
         with np.load(path, allow_pickle=False) as z:
             files = {k: z[k] for k in z.files}
-    except (OSError, ValueError, EOFError) as exc:
+    except Exception as exc:  # noqa: BLE001 - allow_pickle=False runs no code; seen: OSError, ValueError, BadZipFile
         raise DataError(f"{path} is not a readable traces .npz file ({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__})") from None
     if "meta" not in files or not any(k.startswith("asr/") for k in files):
         raise DataError(f"{path} holds no ASR traces (expected keys asr/<site> and meta)")
@@ -257,6 +253,8 @@ def load_traces(path: str | os.PathLike) -> Traces:
         meta = json.loads(str(files["meta"]))
     except json.JSONDecodeError:
         raise DataError(f"{path} has an unreadable meta entry") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{path} has an unreadable meta entry (expected a JSON object)")
     out = Traces(asr={}, meta=meta)
     for key, value in files.items():
         kind, _, site = key.partition("/")

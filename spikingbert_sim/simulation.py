@@ -4,11 +4,11 @@ Two engines compute the same spikes (``tests/test_simulation.py`` checks equalit
 
 * ``reference``: one time step at a time through snnTorch neurons (:class:`SubtractResetLIF`);
   the faithful baseline, and the only one that runs models with a feedback connection.
-* ``fast`` (default): layer by layer, all T steps at once. Each layer's input currents for every
-  step are one large matrix product over T·B·L rows, then the neuron recurrence runs over T as a
-  scan (:func:`~spikingbert_sim.neurons.if_scan`, or the fused kernel of
+* ``fast`` (default): layer by layer, all T steps at once (:mod:`spikingbert_sim.engine`). Each
+  layer's input currents for every step are one large matrix product over T·B·L rows, then the
+  neuron recurrence runs over T as a scan (in place on the CPU; a fused Triton kernel of
   :mod:`spikingbert_sim.kernels` on CUDA). Exact, because the network is feed-forward inside a
-  time step (SPEC §3).
+  time step (SPEC §3); on CUDA the fused kernels round differently, see ``benchmarks/README.md``.
 
 Recording never touches the dynamics: the engines hand each site's spikes to a :class:`Recorder`
 after they are computed. The mean ASR trace of a site is the mean over its *valid* neurons
@@ -26,7 +26,7 @@ from torch import Tensor
 
 from .errors import ConfigError
 from .model import SpikingBertForSequenceClassification, attention_mask_bias
-from .neurons import SubtractResetLIF, asr_weights, if_scan
+from .neurons import SubtractResetLIF, asr_weights
 
 ENGINES = ("reference", "fast")
 DEFAULT_SETTLE_TOL = 0.01
@@ -107,6 +107,7 @@ class Recorder:
         self.leak = float(model.config.leak)
         self.mask = attention_mask.to(torch.bool)  # (B, L)
         self.valid_tokens = int(self.mask.sum())
+        self.all_valid = self.valid_tokens == self.mask.numel()
         self.widths = {s: model.site_width(s) for s in model.site_names()}
         unknown = set(self.options.raster_sites) | set(self.options.sites or ())
         unknown -= set(self.widths)
@@ -123,6 +124,8 @@ class Recorder:
 
     def _valid(self, spikes: Tensor) -> Tensor:
         """Spikes with padding tokens zeroed: (..., B, L, W)."""
+        if self.all_valid:  # multiplying by 1 changes nothing: skip the pass over the spikes
+            return spikes
         return spikes * self.mask[..., None].to(spikes.dtype)
 
     def _raster_select(self, site: str, spikes: Tensor) -> Tensor:
@@ -147,9 +150,7 @@ class Recorder:
     def block(self, site: str, spikes: Tensor) -> None:
         """Record consecutive time steps of ``site``'s spikes at once, (t, B, L, W)."""
         valid = self._valid(spikes)
-        per_step = valid.sum(dim=(-3, -2, -1))  # (t,)
-        self.step_means[site].append(per_step.to(torch.float64) / (self.valid_tokens * self.widths[site]))
-        self.totals[site] = self.totals.get(site, 0) + per_step.sum().to(torch.float64)
+        self._add_step_counts(site, valid.sum(dim=(-3, -2, -1)))  # (t,)
         acc = self.weighted.get(site)
         if self.leak == 1.0:
             acc = spikes.sum(0) if acc is None else acc + spikes.sum(0)
@@ -162,8 +163,24 @@ class Recorder:
                 if self.options.per_neuron and site in self.per_neuron_sites:
                     self.per_neuron.setdefault(site, []).append(acc.unsqueeze(0))
         self.weighted[site] = acc
+        self.raster(site, spikes)
+
+    def _add_step_counts(self, site: str, per_step: Tensor) -> None:
+        self.step_means[site].append(per_step.to(torch.float64) / (self.valid_tokens * self.widths[site]))
+        self.totals[site] = self.totals.get(site, 0) + per_step.sum().to(torch.float64)
+
+    def raster(self, site: str, spikes: Tensor) -> None:
+        """Keep the raster selection of consecutive steps of spikes (t, B, L, W), if ``site`` has one."""
         if site in self.options.raster_sites:
             self.rasters.setdefault(site, []).append(self._raster_select(site, spikes))
+
+    def block_counted(self, site: str, step_counts: Tensor, weighted: Tensor) -> None:
+        """Statistics that a fused kernel computed while it ran: spikes of valid tokens at each
+        step (t,), and the ASR numerator Σ_τ γ^{t-τ} s[τ] (B, L, W) after those steps, which
+        replaces the site's. Equivalent to :meth:`block` on the same spikes (rasters aside: pass
+        them to :meth:`raster`); per-neuron traces need :meth:`block`."""
+        self._add_step_counts(site, step_counts)
+        self.weighted[site] = weighted
 
     def final_asr(self, site: str) -> Tensor:
         return self.weighted[site] / float(self._norm[-1])
@@ -229,20 +246,14 @@ def _run_reference(model: SpikingBertForSequenceClassification, embedded: Tensor
 
 
 def _run_fast(model: SpikingBertForSequenceClassification, embedded: Tensor, mask_bias: Tensor,
-              timesteps: int, recorder: Recorder) -> None:
-    """Layer by layer with all T steps at once: (T, B, L, D) tensors, scan over T per site."""
+              timesteps: int, recorder: Recorder, options=None) -> None:
+    """Layer by layer with all T steps at once (in time chunks when memory is short): see
+    :mod:`spikingbert_sim.engine`."""
     if model.feedback is not None:
         raise ConfigError("the fast engine cannot run a model with a feedback connection; use engine='reference'")
-    cfg = model.config
+    from .engine import run_multistep
 
-    def fire(site: str, current: Tensor) -> Tensor:
-        if current.dim() == embedded.dim():  # the constant input current: the same at every step
-            current = current.expand(timesteps, *current.shape)
-        spikes, _ = if_scan(current, cfg.threshold, cfg.leak)  # (T, B, L, W)
-        recorder.block(site, spikes)
-        return spikes
-
-    model.encode(embedded, fire, mask_bias)
+    run_multistep(model, embedded, mask_bias, timesteps, recorder, options)
 
 
 def simulate(model: SpikingBertForSequenceClassification, input_ids: Tensor,
@@ -259,6 +270,13 @@ def simulate(model: SpikingBertForSequenceClassification, input_ids: Tensor,
 
     Returns a :class:`SimulationResult`; its logits come from the final layer's [CLS] ASR.
     """
+    return _simulate(model, input_ids, attention_mask, token_type_ids, timesteps, engine, record)
+
+
+def _simulate(model: SpikingBertForSequenceClassification, input_ids: Tensor,
+              attention_mask: Tensor | None, token_type_ids: Tensor | None, timesteps: int, engine: str,
+              record: RecordOptions | None, options=None) -> SimulationResult:
+    """:func:`simulate` with the fast engine's :class:`~spikingbert_sim.engine.EngineOptions`."""
     timesteps = check_timesteps(timesteps)
     if engine not in ENGINES:
         raise ConfigError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
@@ -284,7 +302,7 @@ def simulate(model: SpikingBertForSequenceClassification, input_ids: Tensor,
             if engine == "reference":
                 _run_reference(model, embedded, mask_bias, timesteps, recorder)
             else:
-                _run_fast(model, embedded, mask_bias, timesteps, recorder)
+                _run_fast(model, embedded, mask_bias, timesteps, recorder, options)
             logits = model.readout(recorder.final_asr(model.output_site).to(embedded.dtype))
             return recorder.finish(logits)
     finally:

@@ -1,0 +1,224 @@
+"""``spikesim teacher | train | eval``: fine-tune the teacher, distil a spiking student, score it."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+
+import click
+
+from .cli import echo_json, log, positive_int
+
+COMMANDS: list[click.Command] = []
+
+
+def _command(fn):
+    COMMANDS.append(fn)
+    return fn
+
+
+def _command_line() -> str:
+    return "spikesim " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def training_options(fn):
+    """Options the teacher and the student trainers share."""
+    options = [
+        click.option("--task", required=True, help="GLUE task: sst2, mrpc, qqp, mnli, qnli, rte, stsb, cola, wnli."),
+        click.option("--data", "data_dir", type=click.Path(file_okay=False),
+                     help="GLUE data folder (classic TSV layout); omit to use the datasets hub."),
+        click.option("--epochs", type=int, default=3, show_default=True, callback=positive_int,
+                     help="Passes over the training set (per stage); ignored with --max-steps."),
+        click.option("--max-steps", type=int, default=None, callback=positive_int,
+                     help="Optimizer steps (per stage); overrides --epochs."),
+        click.option("--batch-size", type=int, default=32, show_default=True, callback=positive_int,
+                     help="Examples per step (per process under torchrun)."),
+        click.option("--seed", type=int, default=42, show_default=True, help="Seed of initialisation and data order."),
+        click.option("--max-length", type=int, default=128, show_default=True, callback=positive_int,
+                     help="Tokens per example (longer inputs are truncated)."),
+        click.option("--limit", type=int, default=None, callback=positive_int,
+                     help="Use the first N training examples (and dev examples, unless --eval-limit)."),
+        click.option("--eval-limit", type=int, default=None, callback=positive_int,
+                     help="Use the first N dev examples."),
+        click.option("--warmup-ratio", type=float, default=0.1, show_default=True,
+                     help="Fraction of steps of linear learning-rate warm-up."),
+        click.option("--weight-decay", type=float, default=0.01, show_default=True, help="AdamW weight decay."),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+                     help="Where to train (auto: CUDA when available)."),
+        click.option("--progress/--no-progress", default=None,
+                     help="Show progress bars [default: when stderr is a terminal]."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+@_command
+@click.command()
+@training_options
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to save the fine-tuned teacher in.")
+@click.option("--model", default=None,
+              help="BERT folder or hub name to fine-tune [default: the offline MiniLM-L6-H384].")
+@click.option("--lr", type=float, default=2e-5, show_default=True, help="Peak learning rate (AdamW).")
+@click.option("--force", is_flag=True, help="Replace --out if it exists and is not empty.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def teacher(task, data_dir, epochs, max_steps, batch_size, seed, max_length, limit, eval_limit, warmup_ratio,
+            weight_decay, device, progress, out, model, lr, force, as_json):
+    """Fine-tune a BERT classifier on a GLUE task: the distillation teacher."""
+    from .teacher import TeacherConfig, finetune_teacher
+
+    config = TeacherConfig(task=task, out=out, data_dir=data_dir, model=model, epochs=epochs, max_steps=max_steps,
+                           batch_size=batch_size, lr=lr, seed=seed, max_length=max_length, limit=limit,
+                           eval_limit=eval_limit, warmup_ratio=warmup_ratio, weight_decay=weight_decay,
+                           device=device, force=force)
+    summary = finetune_teacher(config, progress=progress, log=log)
+    if as_json:
+        echo_json(summary)
+    else:
+        click.echo(f"{summary['out']}: {summary['steps']} steps; dev " +
+                   ", ".join(f"{k}={v:.4f}" for k, v in summary["dev_metrics"].items()))
+
+
+def _layer_map(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        values = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated teacher layers, e.g. 2,4,6; got {value!r}") from None
+    if not values:
+        raise click.BadParameter("empty layer map")
+    return values
+
+
+@_command
+@click.command()
+@training_options
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Folder for metrics.jsonl, last.pt and best.pt.")
+@click.option("--teacher", "teacher_dir", type=click.Path(file_okay=False),
+              help="Fine-tuned BERT teacher folder (from `spikesim teacher`).")
+@click.option("--weights", type=click.Choice(["fp", "binary", "ternary"]), default="fp", show_default=True,
+              help="Student weight precision: fp, binary (1-bit) or ternary (1.58-bit).")
+@click.option("--timesteps", "-T", type=int, default=16, show_default=True, callback=positive_int,
+              help="Time steps T simulated per training step.")
+@click.option("--stage", type=click.Choice(["kd", "predict", "finetune", "all"]), default="all", show_default=True,
+              help="kd: intermediate-layer distillation; predict: soft-label distillation; finetune: true "
+                   "labels; all: the three in turn, each with the --epochs/--max-steps budget.")
+@click.option("--lr", type=float, default=5e-5, show_default=True, help="Peak learning rate of every stage (AdamW).")
+@click.option("--init", default="teacher", show_default=True,
+              help="Student initialisation: teacher (copy the teacher layers each student layer is matched "
+                   "to), random, or a spiking checkpoint with latent weights.")
+@click.option("--layers", type=int, default=4, show_default=True, callback=positive_int,
+              help="Student encoder layers.")
+@click.option("--method", type=click.Choice(["equilibrium", "bptt"]), default="equilibrium", show_default=True,
+              help="Gradient: implicit differentiation at equilibrium, or backprop through time.")
+@click.option("--resume", is_flag=True, help="Continue the run saved in --out (bit-exact); refuses another configuration.")
+@click.option("--eval-every", type=int, default=None, callback=positive_int,
+              help="Evaluate on dev and save every N steps [default: each epoch and stage end].")
+@click.option("--save-every", type=int, default=None, callback=positive_int, help="Also save last.pt every N steps.")
+@click.option("--eval-timesteps", type=int, default=None, callback=positive_int,
+              help="T of dev evaluation [default: --timesteps].")
+@click.option("--layer-map", callback=_layer_map,
+              help="Teacher hidden state matched by each student layer, e.g. 2,4,6 (0 = embeddings) "
+                   "[default: evenly spaced, last on last].")
+@click.option("--attention-kd/--no-attention-kd", default=True, show_default=True,
+              help="Also distil pre-softmax attention scores in the kd stage.")
+@click.option("--temperature", type=float, default=1.0, show_default=True, help="Soft-label distillation temperature.")
+@click.option("--max-grad-norm", type=float, default=1.0, show_default=True, help="Gradient clipping (0: off).")
+@click.option("--feedback", is_flag=True, help="Student with a last-layer -> input feedback connection.")
+@click.option("--threshold", type=float, default=1.0, show_default=True, help="Firing threshold V_th.")
+@click.option("--solver", type=click.Choice(["fixed_point", "anderson", "broyden"]), default="anderson",
+              show_default=True, help="Implicit backward solver (feedback students).")
+@click.option("--solver-tol", type=float, default=1e-4, show_default=True, help="Relative residual to stop at.")
+@click.option("--solver-max-iter", type=int, default=30, show_default=True, callback=positive_int,
+              help="Solver iterations at most.")
+@click.option("--time-chunk", type=int, default=8, show_default=True, callback=positive_int,
+              help="Time steps simulated at once while measuring the equilibrium (memory vs speed).")
+@click.option("--surrogate", type=click.Choice(["atan", "fast_sigmoid"]), default="atan", show_default=True,
+              help="BPTT surrogate gradient.")
+def train(task, data_dir, epochs, max_steps, batch_size, seed, max_length, limit, eval_limit, warmup_ratio,
+          weight_decay, device, progress, out, teacher_dir, weights, timesteps, stage, lr, init, layers, method,
+          resume, eval_every, save_every, eval_timesteps, layer_map, attention_kd, temperature, max_grad_norm,
+          feedback, threshold, solver, solver_tol, solver_max_iter, time_chunk, surrogate):
+    """Distil a spiking student from a BERT teacher on a GLUE task (equilibrium gradients or BPTT)."""
+    from .teacher import quiet_transformers
+    from .trainer import TrainConfig
+    from .trainer import train as run_training
+
+    quiet_transformers()
+    config = TrainConfig(
+        task=task, out=out, data_dir=data_dir, teacher=teacher_dir, weights=weights, timesteps=timesteps,
+        stage=stage, epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr, seed=seed, init=init,
+        layers=layers, method=method, layer_map=layer_map, attention_kd=attention_kd, temperature=temperature,
+        max_length=max_length, limit=limit, warmup_ratio=warmup_ratio, weight_decay=weight_decay,
+        max_grad_norm=max_grad_norm, feedback=feedback, threshold=threshold, solver=solver, solver_tol=solver_tol,
+        solver_max_iter=solver_max_iter, time_chunk=time_chunk, surrogate=surrogate, eval_every=eval_every,
+        save_every=save_every, eval_limit=eval_limit, eval_timesteps=eval_timesteps, device=device)
+    result = run_training(config, resume=resume, progress=progress, command=_command_line())
+    import os
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        best = f"{result.best_metric:.4f} at step {result.best_step}" if result.best_metric is not None else "none"
+        click.echo(f"{result.out}: {result.global_step} steps; best dev {best}; "
+                   f"checkpoints {result.out}/last.pt, {result.out}/best.pt")
+
+
+@_command
+@click.command(name="eval")
+@click.option("--checkpoint", "-c", required=True, type=click.Path(dir_okay=False), help="Spiking checkpoint (.pt).")
+@click.option("--task", required=True, help="GLUE task to score on.")
+@click.option("--data", "data_dir", type=click.Path(file_okay=False),
+              help="GLUE data folder (classic TSV layout); omit to use the datasets hub.")
+@click.option("--split", default="validation", show_default=True, help="Split: validation (dev), train, ...")
+@click.option("--timesteps", "-T", type=int, default=80, show_default=True, callback=positive_int,
+              help="Simulation time steps T.")
+@click.option("--limit", type=int, default=None, callback=positive_int, help="Score the first N examples.")
+@click.option("--batch-size", type=int, default=32, show_default=True, callback=positive_int,
+              help="Sequences simulated at once.")
+@click.option("--max-length", type=int, default=128, show_default=True, callback=positive_int,
+              help="Tokens per example.")
+@click.option("--engine", type=click.Choice(["fast", "reference"]), default="fast", show_default=True,
+              help="Simulation engine.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where to simulate.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def evaluate(checkpoint, task, data_dir, split, timesteps, limit, batch_size, max_length, engine, device, as_json):
+    """Score a spiking checkpoint on a GLUE split with T-step spiking simulation."""
+    import time
+
+    from .checkpoint import load_checkpoint
+    from .data import GlueDataset, get_task, load_glue
+    from .errors import ConfigError
+    from .hf import load_tokenizer, tokenizer_from_meta
+    from .trainer import evaluate_student, resolve_device
+
+    info = get_task(task)
+    ckpt = load_checkpoint(checkpoint)
+    model = ckpt.model
+    if model.config.num_labels != info.num_labels:
+        raise ConfigError(f"{checkpoint} has a {model.config.num_labels}-label head but task {info.name} "
+                          f"needs {info.num_labels}")
+    if max_length > model.config.max_position_embeddings:
+        raise ConfigError(f"max_length {max_length} exceeds the model's {model.config.max_position_embeddings} positions")
+    tokenizer = tokenizer_from_meta(ckpt.meta) or load_tokenizer(ckpt.meta.get("tokenizer_path"))
+    split_data = load_glue(info.name, split, data_dir, limit=limit)
+    if len(split_data) == 0:
+        raise ConfigError(f"task {info.name} split {split} has no examples")
+    tensors = GlueDataset.from_split(split_data, tokenizer, max_length).tensors
+    top = int(tensors["input_ids"].max())
+    if top >= model.config.vocab_size:
+        raise ConfigError(f"the tokenizer produces id {top} but the model's vocabulary has {model.config.vocab_size}")
+    dev = resolve_device(device)
+    model.to(dev)
+    start = time.time()
+    metrics, _ = evaluate_student(model, info.name, tensors, timesteps, batch_size, dev, engine=engine,
+                                  progress=sys.stderr.isatty())
+    report = {"checkpoint": str(checkpoint), "task": info.name, "split": split_data.split, "examples": len(split_data),
+              "timesteps": timesteps, "weight_mode": model.config.weight_mode, "metrics": metrics,
+              "main_metric": info.main_metric, "seconds": round(time.time() - start, 2)}
+    if as_json:
+        echo_json(report)
+    else:
+        click.echo(f"{checkpoint} on {info.name} {split_data.split} ({len(split_data)} examples, T={timesteps}, "
+                   f"weights {model.config.weight_mode}): " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))

@@ -1,0 +1,546 @@
+"""The multi-step engine: each layer runs over all T steps (or a chunk of them) at once.
+
+A layer's input currents for every step are one matrix product over t·B·L rows, then the neuron
+recurrence runs as a scan over t, and the spikes go to the next layer. This is exact because the
+network is feed-forward inside a time step (SPEC §3): a layer's inputs for all steps are known
+before it runs. Two backends compute it:
+
+* ``torch`` (any device; the only one on CPU): the model's own operations on (t, B, L, W) tensors,
+  bit for bit the reference engine's result in float64 and float32 (``tests/test_simulation.py``).
+  Binary/ternary products run as exact bf16 products (:func:`kernels.exact_product_cpu`), K and V
+  share one product and one scan, and the scan updates the membrane in place.
+* ``fused`` (CUDA): spike products on tensor cores in fp8 e4m3 or int8 (exact for binary/ternary
+  weights), then one Triton kernel per site that applies the product's scale and bias (and GELU,
+  or the residual and LayerNorm), runs the neuron over t with the membrane in registers, writes
+  one-byte spikes and accumulates the recording statistics; attention through
+  ``scaled_dot_product_attention`` in bf16 (or the model's fp32 attention). Not bitwise equal to
+  the reference: see ``benchmarks/README.md`` for the measured spike mismatch.
+
+Memory: when t·B·L rows of a layer's tensors would not fit, the T steps are cut into consecutive
+chunks (:func:`plan_chunks`); every site carries its membrane from one chunk to the next, so a
+chunked simulation equals an unchunked one exactly.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import weakref
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import kernels
+from .errors import ConfigError
+from .model import INPUT_SITE, SpikingBertForSequenceClassification, SpikingEncoderLayer
+from .quantization import QuantLinear
+
+BACKENDS = ("auto", "torch", "fused")
+CPU_CHUNK_BYTES = 32 << 20
+"""Working-set target of one time chunk on the CPU (the torch backend's estimate)."""
+ATTENTION = ("auto", "bf16", "fp32")
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How the multi-step engine runs.
+
+    backend: ``auto`` (``fused`` on CUDA when Triton imports, else ``torch``), ``torch``, ``fused``.
+    operand: spike-product format of the fused backend, ``auto`` (fp8 for binary/ternary weights,
+        bf16 for full precision) or one of :data:`kernels.OPERANDS`.
+    attention: fused backend's attention, ``auto``/``bf16`` (fused SDPA kernel) or ``fp32``
+        (the model's own attention, closest to the reference).
+    chunk_steps: time steps per chunk; None plans them from free memory.
+    memory_fraction: share of free memory the chunk planner may fill.
+    """
+
+    backend: str = "auto"
+    operand: str = "auto"
+    attention: str = "auto"
+    chunk_steps: int | None = None
+    memory_fraction: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.operand != "auto" and self.operand not in kernels.OPERANDS:
+            raise ConfigError(f"operand must be auto or one of {', '.join(kernels.OPERANDS)}, got {self.operand!r}")
+        if self.attention not in ATTENTION:
+            raise ConfigError(f"attention must be one of {', '.join(ATTENTION)}, got {self.attention!r}")
+        if self.chunk_steps is not None and (isinstance(self.chunk_steps, bool) or self.chunk_steps <= 0):
+            raise ConfigError(f"chunk_steps must be a positive integer, got {self.chunk_steps!r}")
+        if not 0 < self.memory_fraction <= 1:
+            raise ConfigError(f"memory_fraction must be in (0, 1], got {self.memory_fraction!r}")
+
+
+def resolve_backend(options: EngineOptions, device: torch.device) -> str:
+    if options.backend != "auto":
+        if options.backend == "fused" and device.type != "cuda" and not kernels._interpreting():
+            raise ConfigError("the fused backend needs a CUDA device")
+        return options.backend
+    return "fused" if device.type == "cuda" and kernels.triton_available() else "torch"
+
+
+def resolve_operand(options: EngineOptions, weight_mode: str) -> str:
+    if options.operand != "auto":
+        return options.operand
+    return "bf16" if weight_mode == "fp" else "fp8"
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory: chunks over time
+# ---------------------------------------------------------------------------------------------
+
+def bytes_per_row_step(model: SpikingBertForSequenceClassification, backend: str, dtype: torch.dtype) -> int:
+    """Peak bytes one token row needs for one time step while a layer runs (a generous estimate:
+    every intermediate of the layer counted as alive at once)."""
+    cfg = model.config
+    D, I, H, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, 1
+    if backend == "fused":
+        # x, q/k/v accumulators (fp32 at worst), q, k, v, context, a, o-acc, so, i-acc, h, 2-acc, out
+        return D * (1 + 12 + 2 + 4 + 4 + 1 + 4 + 1 + 4 + 1) + I * (4 + 1)
+    item = torch.finfo(dtype).bits // 8
+    del L, H
+    # currents, spikes and products of each site, plus the bf16 copies of the exact products
+    return item * (14 * D + 4 * I) + 2 * (4 * D + 2 * I)
+
+
+def attention_bytes_per_row_step(model: SpikingBertForSequenceClassification, seq_len: int,
+                                 backend: str, attention: str, dtype: torch.dtype) -> int:
+    """Bytes of materialized attention scores and probabilities per token row and step."""
+    if backend == "fused" and attention == "bf16":
+        return 0
+    item = torch.finfo(dtype).bits // 8 if backend == "torch" else 4
+    return 3 * model.config.num_attention_heads * seq_len * item
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes that may be allocated on ``device`` now."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free) + int(torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        return 4 << 30
+
+
+def plan_chunks(timesteps: int, rows: int, bytes_per_row: int, budget: int,
+                chunk_steps: int | None = None) -> list[tuple[int, int]]:
+    """Cut T steps into consecutive ``(t0, t1)`` chunks of equal length (the last may be shorter)
+    whose t·rows·bytes_per_row fits in ``budget`` bytes; at least one step a chunk."""
+    if chunk_steps is None:
+        fit = max(1, min(timesteps, budget // max(1, rows * bytes_per_row)))
+        # as many chunks as needed, of equal length (e.g. 40 + 40, not 55 + 25), so that every
+        # chunk reuses the same cached allocations
+        chunk_steps = -(-timesteps // -(-timesteps // fit))
+    chunk_steps = min(chunk_steps, timesteps)
+    return [(t0, min(t0 + chunk_steps, timesteps)) for t0 in range(0, timesteps, chunk_steps)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------
+
+def run_multistep(model: SpikingBertForSequenceClassification, embedded: Tensor, mask_bias: Tensor,
+                  timesteps: int, recorder, options: EngineOptions | None = None) -> list[tuple[int, int]]:
+    """Simulate ``timesteps`` steps layer by layer, handing every site's spikes (or their
+    statistics) to ``recorder`` (a :class:`~spikingbert_sim.simulation.Recorder`; if it has an
+    ``on_spikes(site, t0, spikes (t, B, L, W))`` method, every block of spikes goes there too).
+    Returns the time chunks it ran."""
+    options = options or EngineOptions()
+    if model.feedback is not None:
+        raise ConfigError("the multi-step engine cannot run a model with a feedback connection; "
+                          "use engine='reference'")
+    backend = resolve_backend(options, embedded.device)
+    B, L, _ = embedded.shape
+    attention = "bf16" if options.attention == "auto" else options.attention
+    per_row = bytes_per_row_step(model, backend, embedded.dtype) + attention_bytes_per_row_step(
+        model, L, backend, attention, embedded.dtype)
+    budget = int(free_memory(embedded.device) * options.memory_fraction)
+    if embedded.device.type == "cpu":
+        # measured on 2 cores: chunks of ~10-30 MB run 1.5-2x faster than all T at once (fewer
+        # page faults on fresh allocations, more cache reuse between a layer's operations)
+        budget = min(budget, CPU_CHUNK_BYTES)
+    chunks = plan_chunks(timesteps, B * L, per_row, budget, options.chunk_steps)
+    if backend == "torch":
+        _TorchRun(model, embedded, mask_bias, timesteps, recorder).run(chunks)
+    else:
+        _FusedRun(model, embedded, mask_bias, timesteps, recorder,
+                  resolve_operand(options, model.config.weight_mode), attention).run(chunks)
+    return chunks
+
+
+# ---------------------------------------------------------------------------------------------
+# torch backend: the model's operations over (t, B, L, W), bitwise the reference
+# ---------------------------------------------------------------------------------------------
+
+class _ExactLinear:
+    """Several QuantLinear layers on one input as one product: ``[(x @ Vᵢᵀ)·sᵢ + bᵢ]``.
+
+    Binary/ternary: the integer product is exact in any order (bf16 slices on CPU, the model's
+    dtype on other devices), and the scale and bias follow in QuantLinear's order, so every current
+    equals the reference's bit for bit. Full precision: each module's own forward.
+    """
+
+    def __init__(self, modules: list[QuantLinear], dtype: torch.dtype, device: torch.device) -> None:
+        self.modules = modules
+        self.exact = modules[0].mode != "fp"
+        if not self.exact:
+            return
+        values, scales = zip(*(m.quantized() for m in modules))
+        self.cpu = device.type == "cpu"
+        self.values = torch.cat(values).to(device=device, dtype=torch.bfloat16 if self.cpu else dtype)
+        self.splits = [m.out_features for m in modules]
+        self.scales = [s.to(device=device, dtype=dtype) for s in scales]
+        self.biases = [m.bias for m in modules]
+
+    def product(self, x: Tensor) -> Tensor:
+        return kernels.exact_product_cpu(x, self.values) if self.cpu else F.linear(x, self.values)
+
+    def __call__(self, x: Tensor) -> list[Tensor]:
+        if not self.exact:
+            return [m(x) for m in self.modules]
+        acc = self.product(x)
+        outs = []
+        for part, s, b in zip(acc.split(self.splits, dim=-1), self.scales, self.biases):
+            part = part * s
+            outs.append(part + b if b is not None else part)
+        return outs
+
+    def fused_pair(self, x: Tensor, first: int, count: int = 2) -> tuple[Tensor, list[Tensor]]:
+        """Currents of modules ``first..first+count-1`` side by side, (..., Σ widths), plus the
+        others' currents; each column gets its own module's scale and bias (same roundings)."""
+        if not self.exact:
+            outs = [m(x) for m in self.modules]
+            return torch.cat(outs[first:first + count], -1), outs[:first] + outs[first + count:]
+        acc = self.product(x)
+        parts = list(acc.split(self.splits, dim=-1))
+        sel = range(first, first + count)
+        scale = torch.cat([self.scales[i].expand(self.splits[i]) for i in sel])
+        pair = acc[..., sum(self.splits[:first]):sum(self.splits[:first + count])] * scale
+        if self.biases[first] is not None:
+            pair = pair + torch.cat([self.biases[i] for i in sel])
+        others = []
+        for i, (part, s, b) in enumerate(zip(parts, self.scales, self.biases)):
+            if i in sel:
+                continue
+            part = part * s
+            others.append(part + b if b is not None else part)
+        return pair, others
+
+
+class _TorchRun:
+    def __init__(self, model, embedded: Tensor, mask_bias: Tensor, timesteps: int, recorder) -> None:
+        self.model, self.embedded, self.mask_bias, self.recorder = model, embedded, mask_bias, recorder
+        cfg = model.config
+        self.threshold, self.leak = cfg.threshold, cfg.leak
+        self.mems: dict[str, Tensor] = {}
+        dt, dev = embedded.dtype, embedded.device
+        self.linears = [
+            dict(kvq=_ExactLinear([layer.key, layer.value, layer.query], dt, dev),
+                 o=_ExactLinear([layer.attention_output], dt, dev),
+                 i=_ExactLinear([layer.intermediate], dt, dev),
+                 out=_ExactLinear([layer.output], dt, dev))
+            for layer in model.layers]
+
+    def scan(self, sites: tuple[str, ...], current: Tensor) -> Tensor:
+        """Scan ``current`` (t, B, L, ΣW) for one or more sites laid side by side."""
+        key = "+".join(sites)
+        spikes, self.mems[key] = kernels.scan_torch(current, self.threshold, self.leak, self.mems.get(key))
+        hook = getattr(self.recorder, "on_spikes", None)
+        c0 = 0
+        for s in sites:
+            w = self.model.site_width(s)
+            part = spikes if len(sites) == 1 else spikes[..., c0:c0 + w]
+            self.recorder.block(s, part)
+            if hook is not None:
+                hook(s, self.t0, part)
+            c0 += w
+        return spikes
+
+    def layer(self, layer: SpikingEncoderLayer, lin: dict, x: Tensor) -> Tensor:
+        D = self.model.config.hidden_size
+        kv_cur, (q,) = lin["kvq"].fused_pair(x, 0)
+        kv = self.scan((layer.site("key"), layer.site("value")), kv_cur)
+        k, v = kv[..., :D], kv[..., D:]
+        a = self.scan((layer.site("attention"),), layer.attend(q, k, v, self.mask_bias))
+        (o,) = lin["o"](a)
+        so = self.scan((layer.site("attention_output"),), layer.attention_norm(o + x))
+        (i,) = lin["i"](so)
+        h = self.scan((layer.site("intermediate"),), F.gelu(i))
+        (o2,) = lin["out"](h)
+        return self.scan((layer.site("output"),), layer.output_norm(o2 + so))
+
+    def run(self, chunks: list[tuple[int, int]]) -> None:
+        for t0, t1 in chunks:
+            self.t0 = t0
+            x = self.scan((INPUT_SITE,), self.embedded.expand(t1 - t0, *self.embedded.shape))
+            for layer, lin in zip(self.model.layers, self.linears):
+                x = self.layer(layer, lin, x)
+
+
+# ---------------------------------------------------------------------------------------------
+# fused backend (CUDA): tensor-core spike products + Triton scans
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class _Product:
+    """Weights of one spike product laid out for :func:`kernels.spike_matmul`, with its epilogue
+    (per-column scale, or None for full precision, and bias), all fp32 on the device."""
+
+    weight: Tensor  # (N, K) operand dtype
+    scale: Tensor | None  # (N,)
+    bias: Tensor  # (N,)
+    exact: bool
+
+
+def prepare_product(modules: list[QuantLinear], operand: str, device) -> _Product:
+    """Stack the modules' weights along outputs for one product."""
+    with torch.no_grad():
+        exact = modules[0].mode != "fp"
+        vals, scales, biases = [], [], []
+        for m in modules:
+            v, s = m.quantized()
+            vals.append(v.to(device))
+            # the scale stays a device tensor (no host sync); one copy per output column
+            scales.append(s.detach().to(device=device, dtype=torch.float32).expand(m.out_features))
+            biases.append(m.bias.detach().to(device=device, dtype=torch.float32) if m.bias is not None
+                          else torch.zeros(m.out_features, device=device))
+        weight = torch.cat(vals).to(dtype=kernels.operand_dtype(operand)).contiguous()
+        return _Product(weight, torch.cat(scales) if exact else None, torch.cat(biases), exact)
+
+
+_PREPARED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _signature(model: nn.Module) -> tuple:
+    """Identity and version of every parameter and buffer: changes when any weight changes."""
+    return tuple((t.data_ptr(), t._version, t.dtype, str(t.device))
+                 for t in itertools.chain(model.parameters(), model.buffers()))
+
+
+def prepared_layers(model: SpikingBertForSequenceClassification, operand: str, device) -> list[dict]:
+    """The fused backend's per-layer weights (stacked, converted to the operand format), cached
+    per model, operand and device until a parameter or buffer of the model changes."""
+    key = (operand, str(device))
+    sig = _signature(model)
+    cache = _PREPARED.setdefault(model, {})
+    hit = cache.get(key)
+    if hit is not None and hit[0] == sig:
+        return hit[1]
+
+    def norm(n):
+        return (n.weight.detach().float().contiguous(), n.bias.detach().float().contiguous(), n.eps)
+
+    layers = [dict(layer=layer,
+                   qkv=prepare_product([layer.query, layer.key, layer.value], operand, device),
+                   o=prepare_product([layer.attention_output], operand, device),
+                   i=prepare_product([layer.intermediate], operand, device),
+                   out=prepare_product([layer.output], operand, device),
+                   norm1=norm(layer.attention_norm), norm2=norm(layer.output_norm))
+              for layer in model.layers]
+    cache[key] = (sig, layers)
+    return layers
+
+
+class _FusedRun:
+    def __init__(self, model, embedded: Tensor, mask_bias: Tensor, timesteps: int, recorder,
+                 operand: str, attention: str) -> None:
+        if model.config.weight_mode == "fp" and operand in ("fp8", "int8"):
+            raise ConfigError(f"full-precision weights have no exact {operand} form; use bf16 or fp32")
+        self.model, self.recorder, self.T = model, recorder, timesteps
+        self.operand, self.attention = operand, attention
+        cfg = model.config
+        self.B, self.L, self.D = embedded.shape
+        self.R = self.B * self.L
+        self.H, self.dh = cfg.num_attention_heads, cfg.head_dim
+        self.dev = embedded.device
+        self.model_dtype = embedded.dtype
+        self.spike_dtype = kernels.operand_dtype(operand)
+        self.embedded = embedded.reshape(self.R, self.D).to(torch.float32).contiguous()
+        self.mask_bias = mask_bias
+        valid = recorder.mask.reshape(-1)
+        self.valid = valid.to(device=self.dev, dtype=torch.float32).contiguous()
+        self.all_valid = recorder.all_valid
+        self.kw = dict(threshold=cfg.threshold, leak=cfg.leak, valid=self.valid)
+        self.layers = prepared_layers(model, operand, self.dev)
+        opts = recorder.options
+        self.full_record = set(model.site_names()) & recorder.per_neuron_sites if opts.per_neuron else set()
+        self.states = {s: kernels.ScanState(self.R, model.site_width(s), timesteps, self.dev,
+                                            stats=s not in self.full_record)
+                       for s in model.site_names()}
+
+    def fire(self, site: str, current: Tensor, t0: int, t: int, out_dtype=None, **epilogue) -> Tensor:
+        spikes = kernels.scan(current, self.states[site], t0=t0, timesteps=t,
+                              out_dtype=out_dtype or self.spike_dtype, **epilogue, **self.kw)
+        rec = self.recorder
+        full = spikes.view(t, self.B, self.L, -1)
+        hook = getattr(rec, "on_spikes", None)
+        if hook is not None:  # a test or benchmark looking at every spike
+            hook(site, t0, full)
+        if site in self.full_record or site in rec.options.raster_sites:
+            if site in self.full_record:
+                rec.block(site, full.to(self.model_dtype))
+            else:  # one-byte spikes compare by their bits (fp8 1.0 is 0x38)
+                rec.raster(site, (full.view(torch.int8) != 0) if full.element_size() == 1 else full != 0)
+        return spikes
+
+    def product(self, x: Tensor, p: _Product) -> Tensor:
+        t = x.shape[0]
+        acc = kernels.spike_matmul(x.reshape(t * self.R, -1), p.weight, self.operand, p.exact)
+        return acc.view(t, self.R, -1)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, layer: SpikingEncoderLayer) -> Tensor:
+        t = q.shape[0]
+        if self.attention == "fp32":
+            shape = (t, self.B, self.L, self.D)
+            ctx = layer.attend(q.view(shape), k.view(shape), v.view(shape), self.mask_bias)
+            return ctx.reshape(t, self.R, self.D)
+
+        def heads(z):  # (t, R, D) -> (t·B, H, L, dh)
+            return z.view(t * self.B, self.L, self.H, self.dh).transpose(1, 2)
+
+        mask = None
+        if not self.all_valid:
+            mask = self.mask_bias.to(q.dtype).unsqueeze(0).expand(t, *self.mask_bias.shape)
+            mask = mask.reshape(t * self.B, 1, 1, self.L)
+        ctx = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=mask)
+        return ctx.transpose(1, 2).reshape(t, self.R, self.D)  # (t·B, L, H, dh) -> (t, R, D)
+
+    def layer(self, p: dict, x: Tensor, t0: int, t: int) -> Tensor:
+        layer, D = p["layer"], self.D
+        qkv, o, i, out = p["qkv"], p["o"], p["i"], p["out"]
+        acc = self.product(x, qkv)  # (t, R, 3D): q | k | v
+
+        def cols(z, c0, c1):
+            return None if z is None else z[c0:c1]
+
+        att_dtype = torch.float32 if self.attention == "fp32" else torch.bfloat16
+        q = kernels.scan(acc[..., :D], None, scale=cols(qkv.scale, 0, D), bias=qkv.bias[:D], out_dtype=att_dtype)
+        k = self.fire(layer.site("key"), acc[..., D:2 * D], t0, t, att_dtype,
+                      scale=cols(qkv.scale, D, 2 * D), bias=qkv.bias[D:2 * D])
+        v = self.fire(layer.site("value"), acc[..., 2 * D:], t0, t, att_dtype,
+                      scale=cols(qkv.scale, 2 * D, 3 * D), bias=qkv.bias[2 * D:])
+        del acc
+        a = self.fire(layer.site("attention"), self.attend(q, k, v, layer), t0, t)
+        del q, k, v
+        so = self.fire(layer.site("attention_output"), self.product(a, o), t0, t,
+                       scale=o.scale, bias=o.bias, residual=x, norm=p["norm1"])
+        h = self.fire(layer.site("intermediate"), self.product(so, i), t0, t, scale=i.scale, bias=i.bias, gelu=True)
+        return self.fire(layer.site("output"), self.product(h, out), t0, t,
+                         scale=out.scale, bias=out.bias, residual=so, norm=p["norm2"])
+
+    def run(self, chunks: list[tuple[int, int]]) -> None:
+        for t0, t1 in chunks:
+            t = t1 - t0
+            x = self.fire(INPUT_SITE, self.embedded, t0, t)
+            for p in self.layers:
+                x = self.layer(p, x, t0, t)
+        for site, st in self.states.items():
+            if st.counts is not None:
+                w = st.weighted.view(self.B, self.L, -1).to(self.model_dtype)
+                self.recorder.block_counted(site, st.counts, w)
+
+
+def sdpa_reference(q: Tensor, k: Tensor, v: Tensor, mask_bias: Tensor | None) -> Tensor:
+    """softmax(q·kᵀ/√d + mask)·v in float64: what the fused backend's attention approximates."""
+    q, k, v = (z.to(torch.float64) for z in (q, k, v))
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if mask_bias is not None:
+        scores = scores + mask_bias.to(torch.float64)
+    return torch.softmax(scores, -1) @ v
+
+
+def simulate_multistep(model: SpikingBertForSequenceClassification, input_ids: Tensor,
+                       attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None,
+                       timesteps: int = 80, record=None, options: EngineOptions | None = None):
+    """:func:`~spikingbert_sim.simulation.simulate` with ``engine="fast"`` and explicit
+    :class:`EngineOptions` (backend, operand format, attention precision, chunking)."""
+    from .simulation import _simulate
+
+    return _simulate(model, input_ids, attention_mask, token_type_ids, timesteps, "fast", record, options)
+
+
+# ---------------------------------------------------------------------------------------------
+# Spike-by-spike comparison with the reference engine (tests, benchmarks)
+# ---------------------------------------------------------------------------------------------
+
+def pack_spikes(spikes: Tensor) -> Tensor:
+    """(..., W) spikes of any dtype (nonzero = spike) -> (..., ⌈W/8⌉) uint8 bit masks."""
+    s = (spikes.view(torch.int8) != 0) if spikes.element_size() == 1 else (spikes != 0)
+    pad = (-s.shape[-1]) % 8
+    if pad:
+        s = F.pad(s, (0, pad))
+    bits = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=s.device)
+    return (s.reshape(*s.shape[:-1], -1, 8).to(torch.uint8) * bits).sum(-1, dtype=torch.uint8)
+
+
+def _popcount(x: Tensor) -> int:
+    table = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int32, device=x.device)
+    total = 0
+    flat = x.reshape(-1)
+    for i in range(0, flat.numel(), 1 << 26):
+        total += int(table[flat[i:i + (1 << 26)].to(torch.int64)].sum())
+    return total
+
+
+@torch.no_grad()
+def spike_mismatch(model: SpikingBertForSequenceClassification, input_ids: Tensor,
+                   attention_mask: Tensor | None, timesteps: int,
+                   options: EngineOptions | None = None,
+                   other: SpikingBertForSequenceClassification | None = None) -> dict:
+    """Run the reference engine and the multi-step engine on one batch; count, per site, the
+    (step, sequence, token, neuron) spike slots where they differ.
+
+    With ``other`` (e.g. a float64 copy of ``model``), compare with the reference engine running
+    ``other`` instead: how much rounding alone moves the spikes.
+
+    Returns ``{"per_site": {site: count}, "mismatch": total, "slots": T·B·L·Σ widths}``. The
+    reference's spikes are kept bit-packed on the device (one bit per slot).
+    """
+    from .simulation import Recorder, _run_reference, attention_mask_bias
+
+    model.eval()
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    packed: dict[str, list[Tensor]] = {}
+    stacked: dict[str, Tensor] = {}
+    mismatch = {s: 0 for s in model.site_names()}
+
+    class Keep(Recorder):
+        def step(self, site, spikes):
+            super().step(site, spikes)
+            packed.setdefault(site, []).append(pack_spikes(spikes))
+
+    class Compare(Recorder):
+        t = {}
+
+        def step(self, site, spikes):  # when the other side is a reference engine too
+            super().step(site, spikes)
+            t0 = self.t.get(site, 0)
+            self.on_spikes(site, t0, spikes.unsqueeze(0))
+            self.t[site] = t0 + 1
+
+        def on_spikes(self, site, t0, spikes):
+            if site not in stacked:
+                stacked[site] = torch.stack(packed.pop(site))
+            ref = stacked[site][t0:t0 + spikes.shape[0]]
+            mismatch[site] += _popcount(ref ^ pack_spikes(spikes))
+
+    emb = model.embeddings(input_ids)
+    bias = attention_mask_bias(attention_mask, emb.dtype)
+    _run_reference(model, emb, bias, timesteps, Keep(model, attention_mask, timesteps))
+    if other is None:
+        run_multistep(model, emb, bias, timesteps, Compare(model, attention_mask, timesteps), options)
+    else:
+        other.eval()
+        emb = other.embeddings(input_ids)
+        _run_reference(other, emb, attention_mask_bias(attention_mask, emb.dtype), timesteps,
+                       Compare(other, attention_mask, timesteps))
+    B, L = input_ids.shape
+    slots = timesteps * B * L * sum(model.site_width(s) for s in model.site_names())
+    return {"per_site": mismatch, "mismatch": sum(mismatch.values()), "slots": slots}

@@ -1,0 +1,184 @@
+"""``spikesim teacher | train | eval`` through click's CliRunner: the happy paths, and every bad input
+ending in a one-line error, a non-zero exit, no traceback and no checkpoint overwritten."""
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from spikingbert_sim.cli import main
+
+from _train_helpers import make_teacher, tiny_bert_config, write_sst2, write_stsb
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli_assets")
+    data = write_sst2(root / "glue", n_train=24, n_dev=8)
+    write_stsb(data)
+    return {"root": root, "data": str(data), "teacher": str(make_teacher(root / "teacher"))}
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=True)
+
+
+def assert_one_line_error(result, *fragments, code=None):
+    assert result.exit_code != 0, result.output
+    if code is not None:
+        assert result.exit_code == code, result.output
+    assert "Traceback" not in result.output
+    assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit), \
+        repr(result.exception)
+    errors = [line for line in result.output.splitlines() if line.startswith("Error")]
+    assert len(errors) == 1, result.output
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    return errors[0]
+
+
+TRAIN = ["--weights", "ternary", "--timesteps", "4", "--max-steps", "2", "--batch-size", "8", "--layers", "2",
+         "--device", "cpu", "--lr", "1e-3"]
+
+
+def train_args(assets, out, *extra, task="sst2", teacher=None):
+    return ["train", "--task", task, "--data", assets["data"], "--teacher", teacher or assets["teacher"],
+            "--out", out, *TRAIN, *extra]
+
+
+# --- happy paths ---------------------------------------------------------------------------------
+
+def test_teacher_finetunes_and_saves_atomically(assets, tmp_path):
+    out = tmp_path / "teachers" / "sst2"
+    args = ["teacher", "--task", "sst2", "--data", assets["data"], "--model", assets["teacher"], "--out", out,
+            "--max-steps", "3", "--batch-size", "8", "--device", "cpu", "--json"]
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output[result.output.index("{"):])
+    assert summary["steps"] == 3 and set(summary["dev_metrics"]) == {"accuracy"}
+    files = sorted(p.name for p in out.iterdir())
+    assert {"config.json", "model.safetensors", "tokenizer.json", "teacher_summary.json"} <= set(files)
+    config = json.loads((out / "config.json").read_text())
+    assert config["id2label"] == {"0": "negative", "1": "positive"} and config["finetuning_task"] == "sst2"
+    assert [p.name for p in out.parent.iterdir()] == ["sst2"]  # no temporary folder left behind
+    # The saved teacher loads as a teacher.
+    from spikingbert_sim.teacher import load_teacher
+
+    model, tokenizer = load_teacher(out, "sst2")
+    assert not model.training and model.config.num_labels == 2
+    # A second run refuses to overwrite; --force replaces.
+    before = (out / "model.safetensors").read_bytes()
+    assert_one_line_error(invoke(*args), "exists and is not empty")
+    assert (out / "model.safetensors").read_bytes() == before
+    again = invoke(*args, "--force", "--seed", "7", "--lr", "1e-3")
+    assert again.exit_code == 0, again.output
+    assert (out / "model.safetensors").read_bytes() != before
+
+
+def test_train_then_eval_and_run_the_checkpoint(assets, tmp_path):
+    out = tmp_path / "student"
+    result = invoke(*train_args(assets, out, "--stage", "finetune", "--eval-every", "1"))
+    assert result.exit_code == 0, result.output
+    assert "2 steps; best dev" in result.output
+    records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    best = max((r for r in records if r["best"]), key=lambda r: r["step"])
+    scored = invoke("eval", "--checkpoint", out / "best.pt", "--task", "sst2", "--data", assets["data"],
+                    "--timesteps", "4", "--json")
+    assert scored.exit_code == 0, scored.output
+    report = json.loads(scored.output[scored.output.index("{"):])
+    assert report["metrics"] == best["dev"] and report["examples"] == 8 and report["split"] == "validation"
+    limited = invoke("eval", "-c", out / "last.pt", "--task", "sst2", "--data", assets["data"], "-T", "4",
+                     "--limit", "3", "--split", "train")
+    assert limited.exit_code == 0 and "sst2 train (3 examples, T=4" in limited.output
+    ran = invoke("run", "--checkpoint", out / "best.pt", "--text", "a good film", "-T", "4", "--json")
+    assert ran.exit_code == 0, ran.output
+
+
+# --- bad input -----------------------------------------------------------------------------------
+
+def test_unknown_task_and_missing_or_malformed_data(assets, tmp_path):
+    assert_one_line_error(invoke(*train_args(assets, tmp_path / "a", task="sst3")), "unknown task 'sst3'")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    args = train_args(assets, tmp_path / "b")
+    args[args.index("--data") + 1] = str(empty)
+    assert_one_line_error(invoke(*args), "no SST-2 folder")
+    bad = write_sst2(tmp_path / "bad")
+    train_tsv = bad / "SST-2" / "train.tsv"
+    lines = train_tsv.read_text().splitlines()
+    lines[5] = "a sentence without its label"
+    train_tsv.write_text("\n".join(lines) + "\n")
+    args[args.index("--data") + 1] = str(bad)
+    assert_one_line_error(invoke(*args), "train.tsv:6", "columns")
+    lines[5] = "a film\t7"
+    train_tsv.write_text("\n".join(lines) + "\n")
+    assert_one_line_error(invoke(*args), "train.tsv:6", "label '7'")
+    assert not (tmp_path / "b").exists() or not any((tmp_path / "b").iterdir())
+    assert_one_line_error(invoke("eval", "-c", tmp_path / "none.pt", "--task", "sst2", "--data", assets["data"]),
+                          "no such file")
+
+
+def test_teachers_that_do_not_fit(assets, tmp_path):
+    import transformers
+
+    # A teacher for another task (3 labels for SST-2).
+    three = make_teacher(tmp_path / "three", num_labels=3)
+    assert_one_line_error(invoke(*train_args(assets, tmp_path / "a", teacher=str(three))), "3 label(s)", "needs 2")
+    # A teacher whose vocabulary is smaller than its tokenizer.
+    small = make_teacher(tmp_path / "small_vocab", vocab_size=12)
+    assert_one_line_error(invoke(*train_args(assets, tmp_path / "b", teacher=str(small))), "tokenizer has", "vocabulary")
+    # A plain BERT without a classification head.
+    plain = tmp_path / "plain"
+    transformers.BertModel(tiny_bert_config()).save_pretrained(plain)
+    transformers.AutoTokenizer.from_pretrained(assets["teacher"]).save_pretrained(plain)
+    assert_one_line_error(invoke(*train_args(assets, tmp_path / "c", teacher=str(plain))), "not a fine-tuned BERT classifier")
+    assert_one_line_error(invoke(*train_args(assets, tmp_path / "d", teacher=str(tmp_path / "nowhere"))))
+    # A student (from a checkpoint) whose heads cannot match the teacher's attention, or whose
+    # vocabulary differs from the teacher's tokenizer.
+    from spikingbert_sim.checkpoint import save_checkpoint
+    from spikingbert_sim.config import SpikingBertConfig
+    from spikingbert_sim.model import SpikingBertForSequenceClassification
+
+    for name, fields, message in (("heads", dict(num_attention_heads=2), "equal head counts"),
+                                  ("vocab", dict(vocab_size=99), "vocabulary of 99")):
+        cfg = SpikingBertConfig(**{**dict(vocab_size=tiny_bert_config().vocab_size, hidden_size=32, num_hidden_layers=2,
+                                          num_attention_heads=4, intermediate_size=64, max_position_embeddings=128),
+                                   **fields})
+        save_checkpoint(SpikingBertForSequenceClassification(cfg), tmp_path / f"{name}.pt", packed=False)
+        assert_one_line_error(invoke(*train_args(assets, tmp_path / f"s_{name}", "--init", tmp_path / f"{name}.pt",
+                                                 "--stage", "kd")), message)
+    # A student too deep for its teacher.
+    assert_one_line_error(invoke(*train_args(assets, tmp_path / "e", "--layers", "9")), "exceeds the teacher's 4 layers")
+
+
+def test_resume_and_overwrite_refusals_keep_checkpoints(assets, tmp_path):
+    out = tmp_path / "run"
+    assert invoke(*train_args(assets, out, "--stage", "finetune")).exit_code == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert_one_line_error(invoke(*train_args(assets, out, "--stage", "finetune")), "already holds checkpoints")
+    assert_one_line_error(invoke(*train_args(assets, out, "--stage", "finetune", "--seed", "3", "--resume")),
+                          "cannot resume", "another configuration", "seed")
+    assert_one_line_error(invoke(*train_args(assets, out, "--stage", "finetune", "--weights", "binary", "--resume")),
+                          "weights 'ternary' there vs 'binary' here")
+    (out / "last.pt").write_bytes(b"not a checkpoint")
+    assert_one_line_error(invoke(*train_args(assets, out, "--stage", "finetune", "--resume")), "last.pt")
+    (out / "last.pt").write_bytes(before["last.pt"])
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_bad_options_are_usage_errors(assets, tmp_path):
+    assert_one_line_error(invoke(*train_args(assets, tmp_path / "a", "--timesteps", "0")), "--timesteps", code=2)
+    assert_one_line_error(invoke(*train_args(assets, tmp_path / "a", "--method", "ode")), code=2)
+    assert_one_line_error(invoke(*train_args(assets, tmp_path / "a", "--layer-map", "x,y")), "--layer-map", code=2)
+    assert_one_line_error(invoke(*train_args(assets, tmp_path / "a", "--layer-map", "1,9")), "teacher layers 1..4")
+    assert_one_line_error(invoke(*train_args(assets, tmp_path / "a", "--lr", "-1")), "lr must be a positive number")
+    assert_one_line_error(invoke("train", "--task", "sst2", "--data", assets["data"], "--out", tmp_path / "b",
+                                 "--stage", "kd", "--init", "random"), "needs a teacher")
+    # A checkpoint for another task's head.
+    out = tmp_path / "stsb"
+    stsb_teacher = make_teacher(tmp_path / "stsb_teacher", num_labels=1)
+    assert invoke(*train_args(assets, out, "--stage", "finetune", task="stsb", teacher=str(stsb_teacher))).exit_code == 0
+    assert_one_line_error(invoke("eval", "-c", out / "last.pt", "--task", "sst2", "--data", assets["data"]),
+                          "1-label head", "needs 2")
+    assert Path(out / "best.pt").exists()

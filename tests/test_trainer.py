@@ -1,0 +1,178 @@
+"""The training loop: stages, files, checkpoints loadable for simulation, learning, refusals, and a
+SIGKILL-and-resume run that reproduces the uninterrupted run bit for bit."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from spikingbert_sim.checkpoint import load_checkpoint, safe_torch_load
+from spikingbert_sim.errors import ConfigError
+from spikingbert_sim.trainer import TrainConfig, evaluate_student, train
+
+from _train_helpers import make_teacher, write_sst2, write_stsb
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train_assets")
+    data = write_sst2(root / "glue", n_train=48, n_dev=16)
+    write_stsb(data)
+    return {"teacher": str(make_teacher(root / "teacher")), "stsb_teacher": str(make_teacher(root / "stsb_teacher", num_labels=1)),
+            "data": str(data), "root": root}
+
+
+def config(assets, out, **kw):
+    base = dict(task="sst2", out=str(out), data_dir=assets["data"], teacher=assets["teacher"], weights="ternary",
+                timesteps=4, stage="all", max_steps=3, batch_size=8, lr=1e-3, device="cpu", layers=2)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def read_metrics(folder):
+    return [json.loads(line) for line in (Path(folder) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_all_stages_write_metrics_and_loadable_checkpoints(assets, tmp_path):
+    out = tmp_path / "run"
+    result = train(config(assets, out, eval_every=2), progress=False)
+    assert result.global_step == 9
+    records = read_metrics(out)
+    # eval every 2 global steps, plus every stage end (steps 3, 6, 9)
+    assert [r["step"] for r in records] == [2, 3, 4, 6, 8, 9]
+    assert [r["stage"] for r in records] == ["kd", "kd", "predict", "predict", "finetune", "finetune"]
+    assert set(records[0]["kd_hidden"]) == {"embeddings", "layer.0.output", "layer.1.output"}
+    assert set(records[0]["kd_attention"]) == {"layer.0.attention_scores", "layer.1.attention_scores"}
+    assert all("accuracy" in r["dev"] and r["train_loss"] > 0 for r in records)
+    assert records[-1]["lr"] == 0.0  # linear decay ends at 0
+
+    last = load_checkpoint(out / "last.pt")  # what `spikesim run` / `eval` do
+    best = load_checkpoint(out / "best.pt")
+    assert last.model.config.weight_mode == "ternary" and last.model.config.task == "sst2"
+    assert last.model.config.label_names == ("negative", "positive")
+    assert not any(getattr(m, "frozen", False) for m in last.model.modules())  # latent weights kept
+    assert any(getattr(m, "frozen", False) for m in best.model.modules())  # packed for inference
+    assert last.meta["tokenizer"]["vocab"].startswith("[PAD]")
+    training = safe_torch_load(out / "last.pt")["training"]
+    assert training["progress"]["done"] and training["progress"]["global_step"] == 9
+
+    # best.pt is the model that was evaluated: re-scoring it gives the recorded metric.
+    best_record = max((r for r in records if r["best"]), key=lambda r: r["step"])
+    assert best.meta["step"] == best_record["step"]
+    from spikingbert_sim.data import GlueDataset, load_glue
+    from spikingbert_sim.hf import tokenizer_from_meta
+
+    dev = GlueDataset.from_split(load_glue("sst2", "dev", assets["data"]), tokenizer_from_meta(best.meta)).tensors
+    metrics, _ = evaluate_student(best.model, "sst2", dev, 4, 8, "cpu")
+    assert metrics == best_record["dev"]
+
+
+def test_training_learns_with_equilibrium_gradients(assets, tmp_path):
+    # Train and dev are the same 16 sentences: fitting them shows the gradients point downhill.
+    data = write_sst2(tmp_path / "glue", n_train=16, n_dev=16, seed=5)
+    (data / "SST-2" / "dev.tsv").write_text((data / "SST-2" / "train.tsv").read_text())
+    out = tmp_path / "run"
+    result = train(config(assets, out, data_dir=str(data), stage="finetune", weights="fp", timesteps=32,
+                          max_steps=40, batch_size=16, lr=3e-3, warmup_ratio=0.0, eval_every=40), progress=False)
+    records = read_metrics(out)
+    assert records[-1]["dev"]["accuracy"] >= 0.8, records
+    assert result.best_metric >= 0.8
+
+
+@pytest.mark.parametrize("method", ["equilibrium", "bptt"])
+def test_stsb_regression_with_feedback_student(assets, tmp_path, method):
+    out = tmp_path / method
+    train(config(assets, out, task="stsb", teacher=assets["stsb_teacher"], stage="predict", feedback=True,
+                 method=method, max_steps=2, solver="broyden"), progress=False)
+    (record,) = read_metrics(out)
+    assert set(record["dev"]) == {"pearson", "spearman", "combined"}
+    if method == "equilibrium":
+        assert record["solver"]["solver"] == "broyden" and record["solver"]["steps"] >= 1
+    else:
+        assert "solver" not in record
+    model = load_checkpoint(out / "last.pt").model
+    assert model.feedback is not None and model.config.num_labels == 1
+
+
+def test_init_random_and_from_a_checkpoint_without_teacher(assets, tmp_path):
+    from spikingbert_sim.checkpoint import save_checkpoint
+
+    train(config(assets, tmp_path / "random", init="random", stage="kd", max_steps=1, attention_kd=False),
+          progress=False)
+    start = load_checkpoint(tmp_path / "random" / "last.pt")
+    save_checkpoint(start.model, tmp_path / "init.pt", meta=start.meta, packed=False)
+    out = tmp_path / "from_ckpt"
+    train(config(assets, out, init=str(tmp_path / "init.pt"), teacher=None, stage="finetune", max_steps=2,
+                 weights="binary"), progress=False)
+    model = load_checkpoint(out / "last.pt").model
+    assert model.config.weight_mode == "binary"
+    with pytest.raises(ConfigError, match="needs a teacher"):
+        config(assets, tmp_path / "x", teacher=None, stage="kd")
+    save_checkpoint(start.model.freeze_quantized(), tmp_path / "packed.pt", meta=start.meta)
+    with pytest.raises(ConfigError, match="packed"):
+        train(config(assets, tmp_path / "y", init=str(tmp_path / "packed.pt"), teacher=None, stage="finetune"),
+              progress=False)
+
+
+def test_refusals_leave_existing_checkpoints_untouched(assets, tmp_path):
+    out = tmp_path / "run"
+    cfg = config(assets, out, stage="finetune", max_steps=2)
+    train(cfg, progress=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(ConfigError, match="already holds checkpoints; pass --resume"):
+        train(cfg, progress=False)
+    with pytest.raises(ConfigError, match=r"another configuration \(lr 0.001 there vs 0.002 here\)"):
+        train(config(assets, out, stage="finetune", max_steps=2, lr=2e-3), resume=True, progress=False)
+    with pytest.raises(ConfigError, match="another configuration"):
+        train(config(assets, out, stage="finetune", max_steps=2, limit=40), resume=True, progress=False)
+    # A finished run resumes to itself; run-only options (evaluation cadence) may change.
+    result = train(config(assets, out, stage="finetune", max_steps=2, eval_every=1), resume=True, progress=False)
+    assert result.global_step == 2
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # --resume on an empty folder starts a fresh run.
+    fresh = train(config(assets, tmp_path / "fresh", stage="finetune", max_steps=1), resume=True, progress=False)
+    assert fresh.global_step == 1
+
+
+def _cli(assets, out, *extra):
+    return [sys.executable, "-c", "from spikingbert_sim.cli import main; main()", "train", "--task", "sst2", "--data", assets["data"],
+            "--teacher", assets["teacher"], "--out", str(out), "--weights", "ternary", "--timesteps", "4",
+            "--stage", "all", "--max-steps", "10", "--batch-size", "8", "--layers", "2", "--lr", "1e-3",
+            "--eval-every", "2", "--device", "cpu", "--no-progress", *extra]
+
+
+def test_sigkill_and_resume_reproduces_the_uninterrupted_run_bitwise(assets, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    uninterrupted = subprocess.Popen(_cli(assets, full), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    victim = subprocess.Popen(_cli(assets, cut), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not (cut / "last.pt").exists():
+        assert victim.poll() is None, victim.communicate()[1].decode()[-2000:]
+        assert time.time() < deadline
+        time.sleep(0.005)
+    time.sleep(0.05)  # let it take a few more steps, maybe into a write
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    killed_at = safe_torch_load(cut / "last.pt")["training"]["progress"]
+    assert not killed_at["done"], "the run finished before it could be killed; the test proves nothing"
+    assert uninterrupted.wait(timeout=180) == 0, uninterrupted.communicate()[1].decode()[-2000:]
+    resumed = subprocess.run(_cli(assets, cut, "--resume"), env=env, capture_output=True, timeout=180)
+    assert resumed.returncode == 0, resumed.stderr.decode()[-2000:]
+
+    a, b = safe_torch_load(full / "last.pt"), safe_torch_load(cut / "last.pt")
+    assert a["state"].keys() == b["state"].keys()
+    for name in a["state"]:
+        assert torch.equal(a["state"][name], b["state"][name]), name
+    assert a["training"]["progress"] == b["training"]["progress"]
+    ba, bb = safe_torch_load(full / "best.pt"), safe_torch_load(cut / "best.pt")
+    assert all(torch.equal(ba["state"][k], bb["state"][k]) for k in ba["state"])
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "elapsed_s"} for r in rs]  # noqa: E731
+    assert strip(read_metrics(full)) == strip(read_metrics(cut))
+    assert len(read_metrics(full)) == 15  # 30 steps, every 2nd
