@@ -133,8 +133,9 @@ def _layer_map(ctx, param, value):
 @click.option("--solver-tol", type=float, default=1e-4, show_default=True, help="Relative residual to stop at.")
 @click.option("--solver-max-iter", type=int, default=30, show_default=True, callback=positive_int,
               help="Solver iterations at most.")
-@click.option("--time-chunk", type=int, default=8, show_default=True, callback=positive_int,
-              help="Time steps simulated at once while measuring the equilibrium (memory vs speed).")
+@click.option("--time-chunk", type=int, default=None, callback=positive_int,
+              help="Time steps simulated at once while measuring the equilibrium (memory vs speed) "
+                   "[default: planned by the engine on CPU, 8 on CUDA].")
 @click.option("--surrogate", type=click.Choice(["atan", "fast_sigmoid"]), default="atan", show_default=True,
               help="BPTT surrogate gradient.")
 def train(task, data_dir, epochs, max_steps, batch_size, seed, max_length, limit, eval_limit, warmup_ratio,

@@ -60,7 +60,7 @@ def default_layer_map(num_student: int, num_teacher: int) -> list[int]:
 
 
 def parse_layer_map(text: str, num_student: int, num_teacher: int) -> list[int]:
-    """``"2,4,6"`` -> ``[2, 4, 6]``, checked: one entry per student layer, each in 1..M."""
+    """``"2,4,6"`` -> ``[2, 4, 6]``, checked: one entry per student layer, each in 0..M."""
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
@@ -72,9 +72,10 @@ def parse_layer_map(text: str, num_student: int, num_teacher: int) -> list[int]:
 def check_layer_map(values: Sequence[int], num_student: int, num_teacher: int) -> None:
     if len(values) != num_student:
         raise ConfigError(f"layer map has {len(values)} entries but the student has {num_student} layers")
-    bad = [v for v in values if not 1 <= v <= num_teacher]
+    bad = [v for v in values if not 0 <= v <= num_teacher]
     if bad:
-        raise ConfigError(f"layer map entries must be teacher layers 1..{num_teacher}, got {bad[0]}")
+        raise ConfigError(f"layer map entries must be teacher hidden states 0..{num_teacher} "
+                          f"(0: embeddings), got {bad[0]}")
 
 
 # --- losses ----------------------------------------------------------------------------------------
@@ -143,7 +144,7 @@ class Distiller(nn.Module):
     Args:
         student_hidden, teacher_hidden: widths of the student's and teacher's hidden states.
         num_student, num_teacher: encoder layers of each.
-        layer_map: teacher hidden-state index (1..M) for each student layer; default
+        layer_map: teacher hidden-state index (0..M, 0 the embeddings) for each student layer; default
             :func:`default_layer_map`. The embeddings always match hidden state 0.
         attention: also match pre-softmax attention scores.
     """
@@ -156,8 +157,9 @@ class Distiller(nn.Module):
         self.attention = attention
         # student site -> teacher hidden-state index
         self.hidden_targets = {INPUT_SITE: 0, **{f"layer.{i}.output": j for i, j in enumerate(self.layer_map)}}
-        # student attention-score name -> teacher layer index (0-based)
-        self.attention_targets = {f"layer.{i}.attention_scores": j - 1 for i, j in enumerate(self.layer_map)}
+        # student attention-score name -> teacher layer index (0-based); a student layer matched to
+        # the embeddings (hidden state 0) has no teacher attention to match
+        self.attention_targets = {f"layer.{i}.attention_scores": j - 1 for i, j in enumerate(self.layer_map) if j > 0}
         self.projections = nn.ModuleDict()
         for site in self.hidden_targets:
             proj = nn.Linear(student_hidden, teacher_hidden)

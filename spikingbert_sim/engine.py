@@ -98,12 +98,11 @@ def bytes_per_row_step(model: SpikingBertForSequenceClassification, backend: str
     """Peak bytes one token row needs for one time step while a layer runs (a generous estimate:
     every intermediate of the layer counted as alive at once)."""
     cfg = model.config
-    D, I, H, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, 1
+    D, I = cfg.hidden_size, cfg.intermediate_size
     if backend == "fused":
         # x, q/k/v accumulators (fp32 at worst), q, k, v, context, a, o-acc, so, i-acc, h, 2-acc, out
         return D * (1 + 12 + 2 + 4 + 4 + 1 + 4 + 1 + 4 + 1) + I * (4 + 1)
     item = torch.finfo(dtype).bits // 8
-    del L, H
     # currents, spikes and products of each site, plus the bf16 copies of the exact products
     return item * (14 * D + 4 * I) + 2 * (4 * D + 2 * I)
 

@@ -3,10 +3,11 @@ r"""Training a spiking BERT: implicit differentiation at equilibrium (SPEC §5) 
 Equilibrium training, one step
 ------------------------------
 1. **Measure** (no autograd): simulate T steps of the spiking network and take every site's final
-   ASR :math:`a^*` (Eqn 2). Layer by layer, a chunk of ``time_chunk`` steps at once (the fast
-   engine's form, exact because the network is feed-forward inside a time step; membranes carry
-   over between chunks), so memory does not grow with T. A model with a feedback connection is
-   simulated step by step (the input layer needs the previous step's output).
+   ASR :math:`a^*` (Eqn 2) with the fast multi-step engine (:mod:`spikingbert_sim.engine`):
+   layer by layer, a chunk of time steps at once (exact because the network is feed-forward
+   inside a time step; membranes carry over between chunks), so memory does not grow with T.
+   A model with a feedback connection is simulated step by step (the input layer needs the
+   previous step's output).
 2. **Differentiable pass** through the steady-state graph: :meth:`model.encode` runs once more on
    ASRs, and every site returns its measured ASR while its gradient flows through the steady-state
    function :math:`\mathrm{clip}(I / V_{th}, 0, 1)` of the current :math:`I` computed from the
@@ -25,6 +26,8 @@ Equilibrium training, one step
    are appended to :attr:`StudentOutput.solver_stats`.
 
 Without feedback :math:`J_f = 0` and step 2 is plain autograd through the steady-state functions.
+(The steady-state function is exact for integrate-and-fire neurons, γ = 1, SpikingBERT's choice;
+for γ < 1 it is SPEC §5's approximation.)
 
 BPTT baseline
 -------------
@@ -53,7 +56,8 @@ from .solvers import SolverStats, get_solver
 METHODS = ("equilibrium", "bptt")
 SURROGATES = ("atan", "fast_sigmoid")
 DEFAULT_TIME_CHUNK = 8
-"""Time steps simulated at once per layer while measuring; bounds the measurement's memory."""
+"""Time steps simulated at once per layer while measuring on CUDA (on the CPU the engine plans
+chunks within a fixed working-set budget); bounds the measurement's memory independently of T."""
 
 
 @dataclass
@@ -79,20 +83,49 @@ def check_positive(name: str, value: object) -> int:
     return value
 
 
+def _resolve_chunk(time_chunk: int | None, device: torch.device) -> int | None:
+    if time_chunk is not None:
+        return check_positive("time_chunk", time_chunk)
+    return None if device.type == "cpu" else DEFAULT_TIME_CHUNK
+
+
 @torch.no_grad()
 def measure_equilibrium(model: SpikingBertForSequenceClassification, embedded: Tensor, mask_bias: Tensor,
-                        timesteps: int, time_chunk: int = DEFAULT_TIME_CHUNK) -> dict[str, Tensor]:
+                        timesteps: int, time_chunk: int | None = None) -> dict[str, Tensor]:
     """Simulate ``timesteps`` steps and return every site's final ASR (Eqn 2), (B, L, width).
 
-    Identical to :func:`spikingbert_sim.simulation.simulate`'s ``asr`` (same dynamics, same
-    arithmetic), but with peak memory bounded by ``time_chunk`` rather than T. Feedback models run
-    one step at a time.
+    Runs the project's multi-step engine (:func:`spikingbert_sim.engine.run_multistep`, the fast
+    engine of :func:`~spikingbert_sim.simulation.simulate`, so the values are exactly what
+    evaluation measures) in time chunks of ``time_chunk`` steps, membranes carried between chunks:
+    peak memory is bounded by the chunk, not by T. ``None`` lets the engine plan chunks within its
+    CPU working-set budget, and uses :data:`DEFAULT_TIME_CHUNK` on CUDA (whose planner would fill
+    a share of free memory). Feedback models run one step at a time (:func:`measure_stepwise`).
     """
     check_positive("timesteps", timesteps)
-    check_positive("time_chunk", time_chunk)
+    chunk = _resolve_chunk(time_chunk, embedded.device)
+    if model.feedback is not None:
+        return measure_stepwise(model, embedded, mask_bias, timesteps)
+    from .engine import EngineOptions, run_multistep
+    from .simulation import Recorder
+
+    attention_mask = (mask_bias[:, 0, 0, :] == 0).long()  # (B, L), back from the additive bias
+    recorder = Recorder(model, attention_mask, timesteps)
+    run_multistep(model, embedded, mask_bias, timesteps, recorder, EngineOptions(chunk_steps=chunk))
+    return {site: recorder.final_asr(site) for site in model.site_names()}
+
+
+@torch.no_grad()
+def measure_stepwise(model: SpikingBertForSequenceClassification, embedded: Tensor, mask_bias: Tensor,
+                     timesteps: int, chunk: int = 1) -> dict[str, Tensor]:
+    """:func:`measure_equilibrium` with :func:`~spikingbert_sim.neurons.if_scan` over chunks of
+    ``chunk`` steps through :meth:`model.encode` (the reference engine's arithmetic). A model with
+    feedback needs ``chunk = 1``: its input layer takes the previous step's output."""
+    check_positive("timesteps", timesteps)
+    check_positive("chunk", chunk)
     cfg = model.config
     threshold, leak = cfg.threshold, float(cfg.leak)
-    chunk = 1 if model.feedback is not None else time_chunk
+    if model.feedback is not None:
+        chunk = 1
     mems: dict[str, Tensor] = {}
     acc: dict[str, Tensor] = {}
 
@@ -231,7 +264,7 @@ def _sites(model: SpikingBertForSequenceClassification, sites: Iterable[str] | N
 def equilibrium_forward(model: SpikingBertForSequenceClassification, input_ids: Tensor,
                         attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None, *,
                         timesteps: int, sites: Iterable[str] | None = None, attention_scores: bool = False,
-                        measured: dict[str, Tensor] | None = None, time_chunk: int = DEFAULT_TIME_CHUNK,
+                        measured: dict[str, Tensor] | None = None, time_chunk: int | None = None,
                         solver: str = "anderson", solver_options: dict[str, Any] | None = None) -> StudentOutput:
     """Measure the spiking equilibrium, then run the differentiable steady-state pass (see module doc).
 
@@ -242,7 +275,8 @@ def equilibrium_forward(model: SpikingBertForSequenceClassification, input_ids: 
         attention_scores: also return each layer's pre-softmax attention scores (differentiable).
         measured: use these ASRs (every site, (B, L, width)) instead of simulating; e.g. the
             analog equilibrium from :func:`steady_state_equilibrium`, in tests.
-        time_chunk: steps simulated at once per layer while measuring (memory vs. speed).
+        time_chunk: steps simulated at once per layer while measuring (memory vs. speed); None:
+            planned by the engine (see :func:`measure_equilibrium`).
         solver, solver_options: implicit backward of feedback models (``fixed_point``,
             ``anderson``, ``broyden``; options ``max_iter``, ``tol``, ...).
     """

@@ -374,7 +374,10 @@ def spike_matmul(x: Tensor, weight: Tensor, operand: str, exact: bool = True) ->
     """
     if not x.is_cuda:
         return spike_matmul_reference(x, weight).to(torch.float32)
-    K = x.shape[1]
+    M, K = x.shape
+    if not cublas_shape_ok(operand, M, K, weight.shape[0]):
+        # odd shapes: fp32 operands hold 0/±1 exactly (tf32 too), so the sums stay exact
+        return torch.mm(x.to(torch.float32), weight.to(torch.float32).t())
     if operand == "fp8":
         one = torch.ones((), device=x.device, dtype=torch.float32)
         out = torch.float16 if exact and K <= 2048 else torch.float32
@@ -387,6 +390,16 @@ def spike_matmul(x: Tensor, weight: Tensor, operand: str, exact: bool = True) ->
         except (TypeError, RuntimeError):
             return torch.mm(x, weight.t())
     return torch.mm(x, weight.t())
+
+
+def cublas_shape_ok(operand: str, M: int, K: int, N: int) -> bool:
+    """Whether cuBLAS takes these shapes in this operand format: fp8 ``_scaled_mm`` needs K and N
+    multiples of 16; int8 ``_int_mm`` needs M > 16 and K, N multiples of 8."""
+    if operand == "fp8":
+        return K % 16 == 0 and N % 16 == 0
+    if operand == "int8":
+        return M > 16 and K % 8 == 0 and N % 8 == 0
+    return True
 
 
 def exact_product_cpu(x: Tensor, values_bf16: Tensor) -> Tensor:

@@ -48,7 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from .distill import STAGES, Distiller, default_layer_map, label_loss, prediction_loss
-from .equilibrium import DEFAULT_TIME_CHUNK, METHODS, SURROGATES, student_forward
+from .equilibrium import METHODS, SURROGATES, student_forward
 from .errors import CheckpointError, ConfigError, DataError
 from .model import SpikingBertForSequenceClassification
 from .solvers import SOLVERS
@@ -190,7 +190,7 @@ class TrainConfig:
     solver: str = "anderson"  # implicit backward solver (feedback only)
     solver_tol: float = 1e-4
     solver_max_iter: int = 30
-    time_chunk: int = DEFAULT_TIME_CHUNK  # time steps simulated at once while measuring
+    time_chunk: int | None = None  # time steps simulated at once while measuring; None: planned
     surrogate: str = "atan"  # BPTT surrogate gradient
     # run-only fields: may differ on --resume
     eval_every: int | None = None  # evaluate and save every N steps (default: every epoch and stage end)
@@ -201,9 +201,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_common(self)
-        for name in ("timesteps", "layers", "time_chunk", "solver_max_iter"):
+        for name in ("timesteps", "layers", "solver_max_iter"):
             _positive(self, name)
-        for name in ("eval_every", "save_every", "eval_timesteps"):
+        for name in ("eval_every", "save_every", "eval_timesteps", "time_chunk"):
             _positive(self, name, optional=True)
         if self.weights not in ("fp", "binary", "ternary"):
             raise ConfigError(f"weights must be fp, binary or ternary, got {self.weights!r}")
@@ -511,9 +511,9 @@ class Trainer:
                      label_names=tuple(info.label_names) if not info.is_regression else ())
         torch.manual_seed(c.seed)
         if c.init == "teacher":
-            n_teacher = self.teacher.config.num_hidden_layers
-            if c.layers > n_teacher:
-                raise ConfigError(f"--layers {c.layers} exceeds the teacher's {n_teacher} layers")
+            if 0 in self.layer_map:
+                raise ConfigError(f"layer map {self.layer_map} matches a student layer to the embeddings; "
+                                  "such a layer cannot start as a teacher layer (use --init random)")
             indices = [j - 1 for j in self.layer_map]  # student layer i starts as the teacher layer it matches
             model = convert_from_hf(self.teacher, weight_mode=c.weights, layer_indices=indices,
                                     num_labels=info.num_labels, **extra)
@@ -586,6 +586,9 @@ class Trainer:
         n_teacher = self.teacher.config.num_hidden_layers if self.teacher is not None else None
         if c.layer_map is not None and n_teacher is None:
             raise ConfigError("--layer-map needs a teacher")
+        if c.init == "teacher" and c.layers > n_teacher:
+            raise ConfigError(f"--layers {c.layers} exceeds the teacher's {n_teacher} layers (use --init random "
+                              "for a deeper student)")
         if n_teacher is not None:
             from .distill import check_layer_map
 

@@ -20,9 +20,16 @@ def test_default_layer_map_is_evenly_spaced_and_ends_on_the_last_layer():
     assert default_layer_map(3, 12) == [4, 8, 12]
     assert default_layer_map(6, 6) == [1, 2, 3, 4, 5, 6]
     assert parse_layer_map("1, 3,6", 3, 6) == [1, 3, 6]
+    # A student deeper than its teacher: early layers match the embeddings (hidden state 0) and
+    # have no teacher attention to match.
+    assert default_layer_map(5, 2) == [0, 1, 1, 2, 2]
+    deep = Distiller(8, 8, num_student=5, num_teacher=2, attention=True)
+    assert deep.hidden_targets["layer.0.output"] == 0
+    assert "layer.0.attention_scores" not in deep.attention_targets
+    assert deep.teacher_attention_layers == [0, 1]
     with pytest.raises(ConfigError, match="2 entries but the student has 3"):
         parse_layer_map("1,2", 3, 6)
-    with pytest.raises(ConfigError, match="teacher layers 1..6"):
+    with pytest.raises(ConfigError, match="teacher hidden states 0..6"):
         parse_layer_map("1,2,7", 3, 6)
     with pytest.raises(ConfigError, match="comma-separated"):
         parse_layer_map("a,b,c", 3, 6)

@@ -8,7 +8,7 @@ import torch
 
 from spikingbert_sim.config import SpikingBertConfig
 from spikingbert_sim.equilibrium import (SteadyStateSTE, bptt_forward, equilibrium_forward, measure_equilibrium,
-                                         steady_state_equilibrium, student_forward)
+                                         measure_stepwise, steady_state_equilibrium, student_forward)
 from spikingbert_sim.errors import ConfigError
 from spikingbert_sim.model import SpikingBertForSequenceClassification, attention_mask_bias
 from spikingbert_sim.neurons import steady_state
@@ -75,11 +75,15 @@ def test_measured_asr_equals_fast_simulation_bitwise(mode, leak):
     ref = simulate(model, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], timesteps=10)
     with torch.no_grad():
         emb, mb = embed(model, batch)
-        for chunk in (1, 3, 8, 10, 64):  # 3 does not divide T: the last chunk is short
+        for chunk in (None, 1, 3, 8, 10, 64):  # 3 does not divide T: the last chunk is short
             measured = measure_equilibrium(model, emb, mb, 10, time_chunk=chunk)
             assert set(measured) == set(model.site_names())
             for site in model.site_names():
                 assert torch.equal(measured[site], ref.asr[site]), (chunk, site)
+            if chunk is not None:  # the model.encode + if_scan form agrees too
+                stepwise = measure_stepwise(model, emb, mb, 10, chunk=chunk)
+                for site in model.site_names():
+                    assert torch.equal(stepwise[site], ref.asr[site]), (chunk, site)
     mean = sum(float(v.mean()) for v in measured.values()) / len(measured)
     assert 0.05 < mean < 0.95  # the test model is neither silent nor saturated
 
@@ -188,7 +192,7 @@ def test_gradients_do_not_depend_on_the_time_chunk():
     model = tiny_model(mode="ternary")
     batch = tiny_batch()
     results = []
-    for chunk in (1, 5, 16):
+    for chunk in (None, 1, 5, 16):
         model.zero_grad(set_to_none=True)
         out = equilibrium_forward(model, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
                                   timesteps=16, time_chunk=chunk)

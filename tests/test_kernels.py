@@ -132,6 +132,12 @@ def test_int8_product_emulation_equals_float64_linear(mode):
     assert torch.equal(kernels.spike_matmul(spikes.to(torch.int8), values.to(torch.int8), "int8").double(), want)
 
 
+def test_cublas_shape_rules():
+    assert kernels.cublas_shape_ok("fp8", 5, 768, 3072) and not kernels.cublas_shape_ok("fp8", 64, 40, 64)
+    assert kernels.cublas_shape_ok("int8", 17, 8, 16) and not kernels.cublas_shape_ok("int8", 16, 8, 16)
+    assert not kernels.cublas_shape_ok("int8", 64, 12, 16) and kernels.cublas_shape_ok("bf16", 1, 3, 5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("K", [64, 256, 300, 600])
 @pytest.mark.parametrize("mode", ["binary", "ternary"])
@@ -233,7 +239,7 @@ def test_cuda_scan_with_layernorm_and_gelu_is_close():
 
 @cuda
 @pytest.mark.parametrize("operand", ["fp8", "int8", "bf16"])
-@pytest.mark.parametrize("K", [768, 3072])
+@pytest.mark.parametrize("K", [768, 3072, 40])
 def test_cuda_spike_products_are_exact(operand, K):
     dev = "cuda"
     values, _ = quantize(torch.randn(256, K, generator=gen(22)), "ternary")
