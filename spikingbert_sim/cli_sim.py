@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shlex
 import sys
 from pathlib import Path
@@ -294,14 +295,22 @@ def compare(checkpoints, timesteps, texts, task, data, split, limit, engine, bat
 @click.argument("traces", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--out", type=click.Path(file_okay=False), default=".", show_default=True, help="Folder for the figures.")
 def plot(traces, out):
-    """Redraw figures from saved traces.npz files (one file: Fig. 2a and rasters; two or more: also Fig. 2b)."""
+    """Redraw figures from saved traces.npz files (one file: Fig. 2a and rasters; two or more: also
+    Fig. 2b), or draw accuracy against time steps from `spikesim eval --sweep ... --out FILE.json`
+    reports (one curve each)."""
     import matplotlib.pyplot as plt
 
     from .plotting import plot_output_comparison, save_figure
     from .runner import load_traces
 
-    loaded = [load_traces(t) for t in traces]
     out = Path(out)
+    reports = [t for t in traces if t.endswith(".json")]
+    if reports:
+        if len(reports) != len(traces):
+            raise click.UsageError("give either traces.npz files or eval reports (.json), not both")
+        click.echo(str(_plot_sweeps(reports, out / "accuracy_vs_timesteps.png")))
+        return
+    loaded = [load_traces(t) for t in traces]
     written = []
     if len(loaded) == 1:
         written += draw_run_figures(loaded[0].asr, loaded[0].rasters, out)
@@ -317,6 +326,28 @@ def plot(traces, out):
         written.append(save_figure(fig, out / "fig2b.png"))
     for w in written:
         click.echo(str(w))
+
+
+def _plot_sweeps(paths: list[str], target: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    from .errors import DataError
+    from .evaluation import curves_from_reports
+    from .plotting import plot_accuracy_vs_timesteps, save_figure
+
+    reports = []
+    for path in paths:
+        try:
+            reports.append(json.loads(Path(path).read_text(encoding="utf-8")))
+        except FileNotFoundError:
+            raise DataError(f"{path}: no such file") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise DataError(f"{path}: not a JSON report ({exc})") from None
+    curves, metric = curves_from_reports(reports)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    task = reports[0].get("task", "")
+    plot_accuracy_vs_timesteps(ax, curves, metric=metric, title=f"{task} dev {metric} vs time steps".strip())
+    return save_figure(fig, target)
 
 
 @_command

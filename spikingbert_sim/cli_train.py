@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shlex
 import sys
+from pathlib import Path
 
 import click
 
@@ -165,6 +166,25 @@ def train(task, data_dir, epochs, max_steps, batch_size, seed, max_length, limit
                    f"checkpoints {result.out}/last.pt, {result.out}/best.pt")
 
 
+def _adaptive_options(window, asr_tol, value_tol, min_steps, check_every):
+    from .simulation import AdaptiveOptions
+
+    return AdaptiveOptions(window=window, asr_tol=asr_tol, value_tol=value_tol, min_steps=min_steps,
+                           check_every=check_every)
+
+
+def _sweep(ctx, param, value):
+    if value is None:
+        return None
+    from .errors import ConfigError
+    from .evaluation import parse_timesteps_list
+
+    try:
+        return parse_timesteps_list(value)
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 @_command
 @click.command(name="eval")
 @click.option("--checkpoint", "-c", required=True, type=click.Path(dir_okay=False), help="Spiking checkpoint (.pt).")
@@ -173,7 +193,24 @@ def train(task, data_dir, epochs, max_steps, batch_size, seed, max_length, limit
               help="GLUE data folder (classic TSV layout); omit to use the datasets hub.")
 @click.option("--split", default="validation", show_default=True, help="Split: validation (dev), train, ...")
 @click.option("--timesteps", "-T", type=int, default=80, show_default=True, callback=positive_int,
-              help="Simulation time steps T.")
+              help="Simulation time steps T (the most an adaptive run may use).")
+@click.option("--sweep", callback=_sweep, default=None,
+              help="Also score at each of these T (comma-separated, e.g. 1,2,4,8,16,32,64,80,128), from one "
+                   "simulation of the largest.")
+@click.option("--adaptive", is_flag=True,
+              help="Also score with adaptive stopping: a batch stops once its output layer has settled.")
+@click.option("--adaptive-window", type=int, default=8, show_default=True, callback=positive_int,
+              help="Adaptive: steps over which every prediction and the [CLS] output ASR must hold still.")
+@click.option("--adaptive-asr-tol", type=float, default=0.02, show_default=True,
+              help="Adaptive: largest mean |change| of the [CLS] output ASR over the window.")
+@click.option("--adaptive-value-tol", type=float, default=0.05, show_default=True,
+              help="Adaptive, regression tasks: largest spread of the predicted value over the window.")
+@click.option("--adaptive-min-steps", type=int, default=8, show_default=True, callback=positive_int,
+              help="Adaptive: never stop before this step.")
+@click.option("--adaptive-check-every", type=int, default=4, show_default=True, callback=positive_int,
+              help="Adaptive: steps between two checks.")
+@click.option("--adaptive-batch-size", type=int, default=None, callback=positive_int,
+              help="Adaptive: sequences that stop together [default: --batch-size; 1 decides per example].")
 @click.option("--limit", type=int, default=None, callback=positive_int, help="Score the first N examples.")
 @click.option("--batch-size", type=int, default=32, show_default=True, callback=positive_int,
               help="Sequences simulated at once.")
@@ -183,17 +220,31 @@ def train(task, data_dir, epochs, max_steps, batch_size, seed, max_length, limit
               help="Simulation engine.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Where to simulate.")
+@click.option("--label", default=None, help="Name of this model in reports and figures [default: from the checkpoint].")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Also write the JSON report to this file (atomically); `spikesim plot` draws its sweep.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def evaluate(checkpoint, task, data_dir, split, timesteps, limit, batch_size, max_length, engine, device, as_json):
-    """Score a spiking checkpoint on a GLUE split with T-step spiking simulation."""
+def evaluate(checkpoint, task, data_dir, split, timesteps, sweep, adaptive, adaptive_window, adaptive_asr_tol,
+             adaptive_value_tol, adaptive_min_steps, adaptive_check_every, adaptive_batch_size, limit, batch_size,
+             max_length, engine, device, label, out, as_json):
+    """Score a spiking checkpoint on a GLUE split with T-step spiking simulation.
+
+    With --sweep, the metric at every listed T (accuracy versus time steps); with --adaptive, the
+    metric and the mean time steps used when every batch stops once it has settled.
+    """
+    import json
     import time
 
     from .checkpoint import load_checkpoint
     from .data import GlueDataset, get_task, load_glue
     from .errors import ConfigError
+    from .evaluation import evaluate_adaptive, sweep_timesteps
+    from .fileio import atomic_write_text
     from .hf import load_tokenizer, tokenizer_from_meta
     from .trainer import evaluate_student, resolve_device
 
+    options = _adaptive_options(adaptive_window, adaptive_asr_tol, adaptive_value_tol, adaptive_min_steps,
+                                adaptive_check_every) if adaptive else None
     info = get_task(task)
     ckpt = load_checkpoint(checkpoint)
     model = ckpt.model
@@ -212,14 +263,39 @@ def evaluate(checkpoint, task, data_dir, split, timesteps, limit, batch_size, ma
         raise ConfigError(f"the tokenizer produces id {top} but the model's vocabulary has {model.config.vocab_size}")
     dev = resolve_device(device)
     model.to(dev)
+    bars = sys.stderr.isatty()
     start = time.time()
-    metrics, _ = evaluate_student(model, info.name, tensors, timesteps, batch_size, dev, engine=engine,
-                                  progress=sys.stderr.isatty())
-    report = {"checkpoint": str(checkpoint), "task": info.name, "split": split_data.split, "examples": len(split_data),
-              "timesteps": timesteps, "weight_mode": model.config.weight_mode, "metrics": metrics,
-              "main_metric": info.main_metric, "seconds": round(time.time() - start, 2)}
-    if as_json:
-        echo_json(report)
+    report = {"checkpoint": str(checkpoint), "label": label or Path(checkpoint).stem, "task": info.name,
+              "split": split_data.split, "examples": len(split_data), "timesteps": timesteps,
+              "weight_mode": model.config.weight_mode, "main_metric": info.main_metric}
+    if sweep:
+        points = sweep_timesteps(model, info.name, tensors, sorted(set(sweep) | {timesteps}), batch_size, dev,
+                                 engine=engine, progress=bars)
+        report["metrics"] = points[timesteps]
+        report["sweep"] = [{"timesteps": t, "metrics": m} for t, m in points.items() if t in sweep]
     else:
-        click.echo(f"{checkpoint} on {info.name} {split_data.split} ({len(split_data)} examples, T={timesteps}, "
-                   f"weights {model.config.weight_mode}): " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        report["metrics"], _ = evaluate_student(model, info.name, tensors, timesteps, batch_size, dev, engine=engine,
+                                                progress=bars)
+    if options is not None:
+        result = evaluate_adaptive(model, info.name, tensors, timesteps, options, adaptive_batch_size or batch_size,
+                                   dev, engine=engine, progress=bars)
+        report["adaptive"] = {**result.to_dict(), "batch_size": adaptive_batch_size or batch_size,
+                              "criterion": {"window": options.window, "asr_tol": options.asr_tol,
+                                            "value_tol": options.value_tol, "min_steps": options.min_steps,
+                                            "check_every": options.check_every}}
+    report["seconds"] = round(time.time() - start, 2)
+    text = json.dumps(report, indent=2)
+    if out:
+        atomic_write_text(out, text + "\n")
+    if as_json:
+        click.echo(text)
+        return
+    fmt = lambda m: ", ".join(f"{k}={v:.4f}" for k, v in m.items())  # noqa: E731
+    click.echo(f"{checkpoint} on {info.name} {split_data.split} ({len(split_data)} examples, T={timesteps}, "
+               f"weights {model.config.weight_mode}): " + fmt(report["metrics"]))
+    for point in report.get("sweep", []):
+        click.echo(f"  T={point['timesteps']:>4}: " + fmt(point["metrics"]))
+    if "adaptive" in report:
+        a = report["adaptive"]
+        click.echo(f"  adaptive (at most T={timesteps}): {fmt(a['metrics'])}; mean {a['mean_timesteps']:.1f} "
+                   f"time steps, {100 * a['stopped_early_fraction']:.1f} % stopped early")

@@ -49,6 +49,42 @@ class RecordOptions:
     raster_sequences: tuple[int, ...] = (0,)
     raster_tokens: tuple[int, ...] = (0,)
     raster_neurons: int | tuple[int, ...] = 64
+    logits_trace: bool = False  # keep the head's output after every step, (T, B, num_labels)
+
+
+@dataclass(frozen=True)
+class AdaptiveOptions:
+    """Stop a batch early once its output layer has settled (``simulate(..., adaptive=...)``).
+
+    The head reads the final layer's [CLS] ASR after every step. Every ``check_every`` steps, from
+    step ``min_steps`` on, the batch stops at step t when *every* sequence has settled over the
+    window (t − ``window``, t]:
+
+    * its prediction did not change: the same class at every step of the window (classifiers), or
+      a spread of at most ``value_tol`` (regression heads);
+    * its [CLS] output-layer ASR moved by at most ``asr_tol``: the mean over neurons of
+      |a[t] − a[t − window]| ≤ ``asr_tol``.
+
+    The decision at step t uses only steps ≤ t, so stopping changes nothing that was computed:
+    the result equals a fixed-T simulation with T = the stopping step. ``max_steps`` is the
+    ``timesteps`` argument of :func:`simulate`.
+    """
+
+    window: int = 8  # steps the prediction and the ASR must hold still
+    asr_tol: float = 0.02  # mean |Δ ASR| of the [CLS] output neurons over the window
+    value_tol: float = 0.05  # regression heads: spread of the predicted value over the window
+    min_steps: int = 8  # never stop before this step
+    check_every: int = 4  # steps between checks (the fast engine's time chunk)
+
+    def __post_init__(self) -> None:
+        for name in ("window", "min_steps", "check_every"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ConfigError(f"adaptive {name} must be a positive integer, got {v!r}")
+        for name in ("asr_tol", "value_tol"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and v >= 0):
+                raise ConfigError(f"adaptive {name} must be a number >= 0, got {v!r}")
 
 
 def settling_step(trace: np.ndarray | Tensor, tol: float = DEFAULT_SETTLE_TOL) -> int:
@@ -78,6 +114,12 @@ class SimulationResult:
     neuron_asr_trace: dict[str, Tensor] = field(default_factory=dict)  # (T, B, L, width) on request
     rasters: dict[str, Tensor] = field(default_factory=dict)  # (T, sequences, tokens, neurons) uint8
     raster_index: dict[str, tuple] = field(default_factory=dict)  # (sequences, tokens, neurons) kept
+    logits_trace: Tensor | None = None  # (T, B, num_labels): the head after every step, on request
+    max_timesteps: int | None = None  # the T asked for; > timesteps when an adaptive run stopped early
+
+    @property
+    def stopped_early(self) -> bool:
+        return self.max_timesteps is not None and self.timesteps < self.max_timesteps
 
     def predictions(self) -> Tensor:
         """Class ids (argmax), or the regression value when the head has one output."""
@@ -101,9 +143,19 @@ class Recorder:
     """
 
     def __init__(self, model: SpikingBertForSequenceClassification, attention_mask: Tensor,
-                 timesteps: int, options: RecordOptions | None = None) -> None:
+                 timesteps: int, options: RecordOptions | None = None,
+                 adaptive: AdaptiveOptions | None = None) -> None:
         self.options = options or RecordOptions()
-        self.timesteps = timesteps
+        self.timesteps = timesteps  # the most steps an engine may run
+        self.adaptive = adaptive
+        self.output_site = model.output_site
+        self._readout = model.readout
+        self.dtype = model.classifier.weight.dtype
+        self.track_readout = self.options.logits_trace or adaptive is not None
+        self._cls_weighted: Tensor | None = None  # Σ γ^{t-τ} s[τ] of the [CLS] output neurons, (B, D)
+        self._cls_history: list[Tensor] = []  # [CLS] output ASR after each step, (B, D) each
+        self._logit_steps: list[Tensor] = []  # head output after each step, (B, C) each
+        self.stop_step: int | None = None  # the step an adaptive run stopped at
         self.leak = float(model.config.leak)
         self.mask = attention_mask.to(torch.bool)  # (B, L)
         self.valid_tokens = int(self.mask.sum())
@@ -164,6 +216,51 @@ class Recorder:
                     self.per_neuron.setdefault(site, []).append(acc.unsqueeze(0))
         self.weighted[site] = acc
         self.raster(site, spikes)
+        if site == self.output_site and self.track_readout:
+            self.readout_block(spikes)
+
+    # --- the head after every step: logits traces and adaptive stopping -------------------------
+
+    @property
+    def steps_done(self) -> int:
+        """Steps recorded so far at the output site (the last site of a step)."""
+        return sum(int(c.numel()) for c in self.step_means[self.output_site])
+
+    def readout_block(self, spikes: Tensor) -> None:
+        """Apply the head to the [CLS] output ASR after each of consecutive steps (t, B, L, D) of
+        the output site's spikes. Engines that record statistics in a kernel call this themselves."""
+        # the same arithmetic as block() and final_asr(), so the last step's logits equal the result's
+        cls = spikes[:, :, 0, :].to(self.dtype)  # (t, B, D)
+        t0 = len(self._cls_history)
+        acc = self._cls_weighted
+        for i, s in enumerate(cls):
+            acc = s.clone() if acc is None else (acc + s if self.leak == 1.0 else self.leak * acc + s)
+            asr = acc / float(self._norm[t0 + i])
+            self._cls_history.append(asr)
+            self._logit_steps.append(self._readout(asr.unsqueeze(-2)))
+        self._cls_weighted = acc
+
+    def should_stop(self) -> bool:
+        """Whether an adaptive run may stop after the steps recorded so far (see
+        :class:`AdaptiveOptions`); engines ask after every chunk (the reference after every step)."""
+        a = self.adaptive
+        t = len(self._cls_history)
+        if a is None or self.stop_step is not None:
+            return self.stop_step is not None
+        if t < max(a.min_steps, a.window + 1) or t >= self.timesteps or t % a.check_every:
+            return False
+        recent = torch.stack(self._logit_steps[t - a.window:t])  # (window, B, C)
+        if recent.shape[-1] == 1:
+            spread = recent[..., 0].amax(0) - recent[..., 0].amin(0)
+            steady = bool((spread <= a.value_tol).all())
+        else:
+            classes = recent.argmax(-1)
+            steady = bool((classes == classes[-1]).all())
+        moved = (self._cls_history[t - 1] - self._cls_history[t - 1 - a.window]).abs().mean(-1)  # (B,)
+        if steady and bool((moved <= a.asr_tol).all()):
+            self.stop_step = t
+            return True
+        return False
 
     def _add_step_counts(self, site: str, per_step: Tensor) -> None:
         self.step_means[site].append(per_step.to(torch.float64) / (self.valid_tokens * self.widths[site]))
@@ -183,10 +280,10 @@ class Recorder:
         self.weighted[site] = weighted
 
     def final_asr(self, site: str) -> Tensor:
-        return self.weighted[site] / float(self._norm[-1])
+        return self.weighted[site] / float(self._norm[self.steps_done - 1])
 
     def finish(self, logits: Tensor) -> SimulationResult:
-        T = self.timesteps
+        T = self.steps_done
         traces = {}
         for site, chunks in self.step_means.items():
             means = torch.cat(chunks).cpu()  # (T,) mean spike per valid neuron at each step
@@ -200,8 +297,8 @@ class Recorder:
                 for t in range(T):
                     acc = self.leak * acc + means[t]
                     weighted[t] = acc
-            traces[site] = weighted / self._norm
-        norm = self._norm.to(logits.device)
+            traces[site] = weighted / self._norm[:T]
+        norm = self._norm[:T].to(logits.device)
         per_neuron = {}
         for site, chunks in self.per_neuron.items():
             w = torch.cat(chunks)
@@ -217,6 +314,8 @@ class Recorder:
             neuron_asr_trace=per_neuron,
             rasters={s: torch.cat(v).cpu() for s, v in self.rasters.items()},
             raster_index=dict(self.raster_index),
+            logits_trace=torch.stack(self._logit_steps).cpu() if self.options.logits_trace else None,
+            max_timesteps=self.timesteps,
         )
 
 
@@ -243,6 +342,8 @@ def _run_reference(model: SpikingBertForSequenceClassification, embedded: Tensor
     last = None
     for _ in range(timesteps):
         last = model.encode(model.input_current(embedded, last), fire, mask_bias)
+        if recorder.should_stop():
+            break
 
 
 def _run_fast(model: SpikingBertForSequenceClassification, embedded: Tensor, mask_bias: Tensor,
@@ -258,7 +359,8 @@ def _run_fast(model: SpikingBertForSequenceClassification, embedded: Tensor, mas
 
 def simulate(model: SpikingBertForSequenceClassification, input_ids: Tensor,
              attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None,
-             timesteps: int = 80, engine: str = "fast", record: RecordOptions | None = None) -> SimulationResult:
+             timesteps: int = 80, engine: str = "fast", record: RecordOptions | None = None,
+             adaptive: AdaptiveOptions | None = None) -> SimulationResult:
     """Simulate ``timesteps`` steps of spiking inference on a batch (no gradients).
 
     Args:
@@ -266,16 +368,20 @@ def simulate(model: SpikingBertForSequenceClassification, input_ids: Tensor,
         timesteps: T, a positive integer.
         engine: ``"fast"`` (default; falls back to ``"reference"`` for feedback models) or
             ``"reference"``.
-        record: what else to record (per-neuron traces, rasters); see :class:`RecordOptions`.
+        record: what else to record (per-neuron traces, rasters, the head after every step); see
+            :class:`RecordOptions`.
+        adaptive: stop before ``timesteps`` once the output layer has settled (see
+            :class:`AdaptiveOptions`); ``result.timesteps`` is then the step it stopped at.
 
     Returns a :class:`SimulationResult`; its logits come from the final layer's [CLS] ASR.
     """
-    return _simulate(model, input_ids, attention_mask, token_type_ids, timesteps, engine, record)
+    return _simulate(model, input_ids, attention_mask, token_type_ids, timesteps, engine, record,
+                     adaptive=adaptive)
 
 
 def _simulate(model: SpikingBertForSequenceClassification, input_ids: Tensor,
               attention_mask: Tensor | None, token_type_ids: Tensor | None, timesteps: int, engine: str,
-              record: RecordOptions | None, options=None) -> SimulationResult:
+              record: RecordOptions | None, options=None, adaptive: AdaptiveOptions | None = None) -> SimulationResult:
     """:func:`simulate` with the fast engine's :class:`~spikingbert_sim.engine.EngineOptions`."""
     timesteps = check_timesteps(timesteps)
     if engine not in ENGINES:
@@ -298,7 +404,7 @@ def _simulate(model: SpikingBertForSequenceClassification, input_ids: Tensor,
         with torch.no_grad():
             embedded = model.embeddings(input_ids, token_type_ids)  # (B, L, D)
             mask_bias = attention_mask_bias(attention_mask, embedded.dtype)
-            recorder = Recorder(model, attention_mask, timesteps, record)
+            recorder = Recorder(model, attention_mask, timesteps, record, adaptive)
             if engine == "reference":
                 _run_reference(model, embedded, mask_bias, timesteps, recorder)
             else:

@@ -50,6 +50,7 @@ from torch import Tensor, nn
 from .distill import STAGES, Distiller, default_layer_map, label_loss, prediction_loss
 from .equilibrium import METHODS, SURROGATES, student_forward
 from .errors import CheckpointError, ConfigError, DataError
+from .evaluation import evaluate_student, trim_batch
 from .model import SpikingBertForSequenceClassification
 from .solvers import SOLVERS
 
@@ -143,16 +144,6 @@ def batch_order(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, w
     sampler.set_epoch(epoch)
     indices = torch.tensor(list(sampler), dtype=torch.long)
     return list(indices.split(batch_size))
-
-
-def trim_batch(batch: dict[str, Tensor], device: torch.device | str) -> dict[str, Tensor]:
-    """Cut (B, max_length) token tensors to the longest sequence of the batch and move to ``device``.
-
-    Padding never changes a valid token's result (masked keys get zero attention), so this only
-    saves work.
-    """
-    length = max(1, int(batch["attention_mask"].sum(1).max()))
-    return {k: (v[:, :length] if v.dim() == 2 else v).to(device) for k, v in batch.items()}
 
 
 # --- configuration ---------------------------------------------------------------------------------
@@ -319,32 +310,6 @@ def _all_mean(value: float, d: DistInfo, device: torch.device) -> float:
 
 
 # --- evaluation ------------------------------------------------------------------------------------
-
-@torch.no_grad()
-def evaluate_student(model: SpikingBertForSequenceClassification, task: str, tensors: dict[str, Tensor],
-                     timesteps: int, batch_size: int, device: torch.device | str, engine: str = "fast",
-                     progress: bool = False) -> tuple[dict[str, float], Tensor]:
-    """GLUE metrics of the spiking model simulated for ``timesteps`` steps on tokenized tensors.
-
-    Returns ``(metrics, logits)``.
-    """
-    from tqdm.auto import tqdm
-
-    from .metrics import compute_metrics
-    from .simulation import simulate
-
-    n = tensors["input_ids"].shape[0]
-    logits = []
-    starts = range(0, n, batch_size)
-    for start in tqdm(starts, desc=f"eval T={timesteps}", unit="batch", disable=not progress, leave=False,
-                      file=sys.stderr):
-        b = trim_batch({k: v[start:start + batch_size] for k, v in tensors.items()}, device)
-        r = simulate(model, b["input_ids"], b["attention_mask"], b["token_type_ids"], timesteps=timesteps,
-                     engine=engine)
-        logits.append(r.logits.float().cpu())
-    all_logits = torch.cat(logits)
-    return compute_metrics(task, all_logits.numpy(), tensors["labels"].numpy()), all_logits
-
 
 # --- state -----------------------------------------------------------------------------------------
 

@@ -94,6 +94,36 @@ def test_train_then_eval_and_run_the_checkpoint(assets, tmp_path):
     ran = invoke("run", "--checkpoint", out / "best.pt", "--text", "a good film", "-T", "4", "--json")
     assert ran.exit_code == 0, ran.output
 
+    # accuracy versus time steps from one simulation, and adaptive stopping
+    report_file = tmp_path / "reports" / "eval.json"
+    swept = invoke("eval", "-c", out / "best.pt", "--task", "sst2", "--data", assets["data"], "-T", "4",
+                   "--sweep", "1,2,4,6", "--adaptive", "--adaptive-window", "2", "--adaptive-min-steps", "2",
+                   "--adaptive-check-every", "1", "--adaptive-asr-tol", "1", "--out", report_file, "--json")
+    assert swept.exit_code == 0, swept.output
+    report = json.loads(report_file.read_text())
+    assert report == json.loads(swept.output[swept.output.index("{"):])
+    assert [p["timesteps"] for p in report["sweep"]] == [1, 2, 4, 6]
+    assert report["sweep"][2]["metrics"] == best["dev"] == report["metrics"]  # T=4 from the sweep
+    for point in report["sweep"]:
+        single = invoke("eval", "-c", out / "best.pt", "--task", "sst2", "--data", assets["data"],
+                        "-T", point["timesteps"], "--json")
+        assert json.loads(single.output[single.output.index("{"):])["metrics"] == point["metrics"]
+    adaptive = report["adaptive"]
+    assert 3 <= adaptive["mean_timesteps"] <= 4 and adaptive["max_timesteps"] == 4  # checks from step 3 on
+    assert adaptive["criterion"]["window"] == 2 and set(adaptive["metrics"]) == {"accuracy"}
+    drawn = invoke("plot", report_file, report_file, "--out", tmp_path / "figs")
+    assert drawn.exit_code == 0, drawn.output
+    assert (tmp_path / "figs" / "accuracy_vs_timesteps.png").stat().st_size > 1000
+    assert_one_line_error(invoke("eval", "-c", out / "best.pt", "--task", "sst2", "--data", assets["data"],
+                                 "--sweep", "0,4"), "--sweep", code=2)
+    assert_one_line_error(invoke("eval", "-c", out / "best.pt", "--task", "sst2", "--data", assets["data"],
+                                 "--adaptive", "--adaptive-asr-tol", "-1"), "asr_tol")
+    assert_one_line_error(invoke("plot", tmp_path / "ran.json"), "no such file")
+    no_sweep = tmp_path / "plain.json"
+    no_sweep.write_text(json.dumps({"metrics": {}}))
+    assert_one_line_error(invoke("plot", no_sweep), "no accuracy-vs-time-steps sweep")
+    assert_one_line_error(invoke("plot", no_sweep, tmp_path / "traces.npz"), "not both", code=2)
+
 
 # --- bad input -----------------------------------------------------------------------------------
 
