@@ -81,15 +81,19 @@ WORD_EMBEDDINGS = "embeddings.word_embeddings.weight"
 
 
 def checkpoint_dict(model: SpikingBertForSequenceClassification, meta: dict[str, Any] | None = None,
-                    packed: bool = True, half_embeddings: bool = True) -> dict[str, Any]:
+                    packed: bool = True, half_embeddings: bool = True, half_weights: bool = False) -> dict[str, Any]:
     """The checkpoint as a dict (what :func:`save_checkpoint` writes).
 
     ``half_embeddings`` stores the word-embedding table (vocab × hidden, most of a packed model's
-    bytes) in float16; it loads back as float32. The stored model is the one that is evaluated.
+    bytes) in float16; ``half_weights`` stores every floating-point matrix (full-precision linear
+    weights, embedding tables) in float16. Both load back as float32: the stored model is the one
+    that is evaluated.
     """
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if half_embeddings:
         state[WORD_EMBEDDINGS] = state[WORD_EMBEDDINGS].to(torch.float16)
+    if half_weights:
+        state = {k: v.to(torch.float16) if v.is_floating_point() and v.dim() >= 2 else v for k, v in state.items()}
     packed_weights: dict[str, dict[str, Any]] = {}
     if packed and model.config.weight_mode != "fp":
         for name, module in model.named_modules():
@@ -112,11 +116,13 @@ def checkpoint_dict(model: SpikingBertForSequenceClassification, meta: dict[str,
 
 
 def save_checkpoint(model: SpikingBertForSequenceClassification, path: str | os.PathLike,
-                    meta: dict[str, Any] | None = None, packed: bool = True, half_embeddings: bool = True) -> Path:
+                    meta: dict[str, Any] | None = None, packed: bool = True, half_embeddings: bool = True,
+                    half_weights: bool = False) -> Path:
     """Write ``model`` to ``path`` atomically. Quantized weights are packed unless ``packed=False``
     (which keeps the latent full-precision weights, e.g. to continue training); the word
-    embeddings are stored in float16 unless ``half_embeddings=False``."""
-    atomic_torch_save(checkpoint_dict(model, meta, packed, half_embeddings), path)
+    embeddings are stored in float16 unless ``half_embeddings=False``, every floating-point
+    matrix with ``half_weights``."""
+    atomic_torch_save(checkpoint_dict(model, meta, packed, half_embeddings, half_weights), path)
     return Path(path)
 
 
@@ -150,8 +156,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
                 raise ValueError(f"{name} is not a quantized layer")
             module.freeze()
             state[name] = unpack(data, mode, shape)
-        if WORD_EMBEDDINGS in state and state[WORD_EMBEDDINGS].dtype == torch.float16:
-            state[WORD_EMBEDDINGS] = state[WORD_EMBEDDINGS].float()
+        # float16-stored matrices (half_embeddings / half_weights) load as the model's float32
+        state = {k: v.float() if isinstance(v, torch.Tensor) and v.dtype == torch.float16 else v
+                 for k, v in state.items()}
         missing, unexpected = model.load_state_dict(state, strict=False)
     except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
         raise CheckpointError(f"{path} has weights that do not fit its config: {str(exc).splitlines()[0][:200]}") from None

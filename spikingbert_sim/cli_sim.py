@@ -229,6 +229,36 @@ def convert(source, layers, layer_indices, weights, num_labels, task, threshold,
 
 @_command
 @click.command()
+@click.option("--checkpoint", "-c", required=True, type=click.Path(dir_okay=False),
+              help="Checkpoint to export: a training run's best.pt / last.pt, or any spiking checkpoint.")
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="Inference checkpoint to write.")
+@click.option("--half-weights/--no-half-weights", default=None,
+              help="Store floating-point matrices in float16 [default: on for full-precision models, whose "
+                   "fp32 weights would double the file; binary/ternary weights are packed either way].")
+@click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
+def export(checkpoint, out, half_weights, force):
+    """Write a small inference checkpoint: binary/ternary weights packed (1 or 2 bits per weight),
+    word embeddings in float16, no optimizer or training state. Evaluate the exported file: it is
+    the model that ships."""
+    from .checkpoint import load_checkpoint, save_checkpoint
+
+    if Path(out).exists() and not force:
+        raise click.UsageError(f"{out} exists; pass --force to overwrite it")
+    if Path(out).resolve() == Path(checkpoint).resolve():
+        raise click.UsageError("--out must differ from --checkpoint")
+    loaded = load_checkpoint(checkpoint)
+    model = loaded.model
+    if half_weights is None:
+        half_weights = model.config.weight_mode == "fp"
+    command = "spikesim export " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+    meta = {**loaded.meta, "exported_from": str(checkpoint), "export_command": command}
+    save_checkpoint(model, out, meta=meta, packed=True, half_embeddings=True, half_weights=half_weights)
+    before, after = Path(checkpoint).stat().st_size, Path(out).stat().st_size
+    click.echo(f"wrote {out}: weights {model.config.weight_mode}, {after / 1e6:.1f} MB (from {before / 1e6:.1f} MB)")
+
+
+@_command
+@click.command()
 @click.option("--checkpoint", "-c", "checkpoints", multiple=True, required=True, type=click.Path(dir_okay=False),
               help="Checkpoint; give it twice: the full-precision model first, the quantized one second.")
 @input_options

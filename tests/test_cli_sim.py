@@ -82,7 +82,7 @@ def test_version(runner):
     assert result.output.strip() == f"spikesim, version {__version__}"
 
 
-@pytest.mark.parametrize("command", ["run", "convert", "compare", "plot", "energy"])
+@pytest.mark.parametrize("command", ["run", "convert", "compare", "plot", "energy", "export"])
 def test_help_of_each_command(runner, command):
     result = assert_ok(invoke(runner, command, "--help"))
     assert result.output.startswith(f"Usage: main {command} [OPTIONS]")
@@ -92,8 +92,41 @@ def test_help_of_each_command(runner, command):
 
 def test_group_help_lists_commands(runner):
     out = assert_ok(invoke(runner, "--help")).output
-    for command in ("run", "convert", "compare", "plot", "energy"):
+    for command in ("run", "convert", "compare", "plot", "energy", "export"):
         assert f"  {command} " in out
+
+
+# --- export ---------------------------------------------------------------------------------------
+
+def test_export_packs_and_halves_and_keeps_the_model(runner, tmp_path, make_model):
+    import torch
+
+    from spikingbert_sim.checkpoint import load_checkpoint, save_checkpoint
+    from spikingbert_sim.simulation import simulate
+
+    ids = torch.randint(5, 40, (2, 6), generator=torch.Generator().manual_seed(4))
+    for mode in ("fp", "ternary"):
+        model = make_model(mode, hidden_size=64, intermediate_size=128, num_attention_heads=4)
+        latent = save_checkpoint(model, tmp_path / f"{mode}_latent.pt", packed=False, half_embeddings=False,
+                                 meta={"tokenizer": {"kind": "test"}})
+        out = tmp_path / f"{mode}_export.pt"
+        assert_ok(invoke(runner, "export", "-c", latent, "-o", out))
+        assert out.stat().st_size < 0.6 * latent.stat().st_size
+        shipped = load_checkpoint(out)
+        assert shipped.meta["tokenizer"] == {"kind": "test"} and shipped.meta["exported_from"] == str(latent)
+        # the exported model is the latent one with its matrices rounded to float16 (fp) or its
+        # weights quantized and packed (ternary: exactly the same inference model)
+        expected = make_model(mode, hidden_size=64, intermediate_size=128, num_attention_heads=4)
+        with torch.no_grad():
+            for name, p in expected.named_parameters():
+                if p.dim() >= 2 and (mode == "fp" or "word_embeddings" in name):
+                    p.copy_(p.half().float())
+        a = simulate(shipped.model, ids, timesteps=6)
+        b = simulate(expected.freeze_quantized() if mode != "fp" else expected, ids, timesteps=6)
+        assert torch.equal(a.logits, b.logits)
+        assert_user_error(invoke(runner, "export", "-c", latent, "-o", out), code=2, contains="exists")
+    assert_user_error(invoke(runner, "export", "-c", tmp_path / "nothing.pt", "-o", tmp_path / "x.pt"), code=1,
+                      contains="no such file")
 
 
 # --- convert --------------------------------------------------------------------------------------
