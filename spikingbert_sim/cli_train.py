@@ -112,8 +112,11 @@ def _layer_map(ctx, param, value):
                    "to), random, or a spiking checkpoint with latent weights.")
 @click.option("--layers", type=int, default=4, show_default=True, callback=positive_int,
               help="Student encoder layers.")
-@click.option("--method", type=click.Choice(["equilibrium", "bptt"]), default="equilibrium", show_default=True,
-              help="Gradient: implicit differentiation at equilibrium, or backprop through time.")
+@click.option("--method", type=click.Choice(["equilibrium", "steady_state", "bptt"]), default="equilibrium",
+              show_default=True,
+              help="Gradient: implicit differentiation at the measured spiking equilibrium; the same at the "
+                   "analog (T -> infinity) equilibrium, no simulation (a cheap warm start); or backprop "
+                   "through time.")
 @click.option("--resume", is_flag=True, help="Continue the run saved in --out (bit-exact); refuses another configuration.")
 @click.option("--eval-every", type=int, default=None, callback=positive_int,
               help="Evaluate on dev and save every N steps [default: each epoch and stage end].")

@@ -29,6 +29,16 @@ Without feedback :math:`J_f = 0` and step 2 is plain autograd through the steady
 (The steady-state function is exact for integrate-and-fire neurons, γ = 1, SpikingBERT's choice;
 for γ < 1 it is SPEC §5's approximation.)
 
+The T → ∞ limit: ``steady_state``
+---------------------------------
+:func:`steady_state_forward` replaces step 1's measurement by the analog equilibrium itself,
+every site firing :math:`\mathrm{clip}(I / V_{th}, 0, 1)` (what the spiking ASRs approach as T
+grows; with feedback the fixed point of :func:`steady_state_equilibrium`), and step 2 is unchanged.
+No simulation is run, so a step costs one pass instead of T: a cheap warm start before
+equilibrium training on measured spiking ASRs (``spikesim train --method steady_state``, then
+``--method equilibrium --init <that run>/last.pt``), which adapts the weights to what finite-T
+spiking actually computes.
+
 BPTT baseline
 -------------
 :func:`bptt_forward` unrolls the T steps with snnTorch's surrogate gradient (``atan`` or
@@ -53,7 +63,7 @@ from .model import SpikingBertForSequenceClassification, attention_mask_bias
 from .neurons import SubtractResetLIF, asr_weights, if_scan, steady_state
 from .solvers import SolverStats, get_solver
 
-METHODS = ("equilibrium", "bptt")
+METHODS = ("equilibrium", "steady_state", "bptt")
 SURROGATES = ("atan", "fast_sigmoid")
 DEFAULT_TIME_CHUNK = 8
 """Time steps simulated at once per layer while measuring on CUDA (on the CPU the engine plans
@@ -320,6 +330,40 @@ def equilibrium_forward(model: SpikingBertForSequenceClassification, input_ids: 
                          measured={k: v.detach() for k, v in measured.items()}, solver_stats=stats)
 
 
+def steady_state_forward(model: SpikingBertForSequenceClassification, input_ids: Tensor,
+                         attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None, *,
+                         sites: Iterable[str] | None = None, attention_scores: bool = False,
+                         solver: str = "anderson", solver_options: dict[str, Any] | None = None) -> StudentOutput:
+    """:func:`equilibrium_forward` at the analog equilibrium (T → ∞) instead of a measured one.
+
+    Without feedback one differentiable pass with every site firing ``clip(I / V_th, 0, 1)``;
+    with feedback the analog fixed point (:func:`steady_state_equilibrium`) and the implicit
+    backward of :func:`equilibrium_forward`. ``measured`` of the output holds the analog ASRs.
+    """
+    if model.feedback is not None:
+        with torch.no_grad():
+            embedded, mask_bias = _embed(model, input_ids, attention_mask, token_type_ids)
+            measured = steady_state_equilibrium(model, embedded, mask_bias)
+        return equilibrium_forward(model, input_ids, attention_mask, token_type_ids, timesteps=1, sites=sites,
+                                   attention_scores=attention_scores, measured=measured, solver=solver,
+                                   solver_options=solver_options)
+    keep = _sites(model, sites)
+    embedded, mask_bias = _embed(model, input_ids, attention_mask, token_type_ids)
+    threshold = model.config.threshold
+    asr: dict[str, Tensor] = {}
+    scores: dict[str, Tensor] = {}
+
+    def fire(site: str, current: Tensor) -> Tensor:
+        out = steady_state(current, threshold)
+        if site in keep:
+            asr[site] = out
+        return out
+
+    final = model.encode(embedded, fire, mask_bias, scores.__setitem__ if attention_scores else None)
+    return StudentOutput(logits=model.readout(final), asr=asr, attention_scores=scores,
+                         measured={k: v.detach() for k, v in asr.items()})
+
+
 # --- the BPTT baseline ------------------------------------------------------------------------------
 
 def surrogate_function(name: str) -> Callable:
@@ -378,12 +422,16 @@ def bptt_forward(model: SpikingBertForSequenceClassification, input_ids: Tensor,
 
 def student_forward(model: SpikingBertForSequenceClassification, batch: dict[str, Tensor], method: str,
                     timesteps: int, **options: Any) -> StudentOutput:
-    """:func:`equilibrium_forward` or :func:`bptt_forward` on a tokenized batch, by ``method`` name."""
+    """:func:`equilibrium_forward`, :func:`steady_state_forward` or :func:`bptt_forward` on a
+    tokenized batch, by ``method`` name (``timesteps`` is ignored by ``steady_state``)."""
     args = (batch["input_ids"], batch.get("attention_mask"), batch.get("token_type_ids"))
     if method == "equilibrium":
         allowed = {"sites", "attention_scores", "measured", "time_chunk", "solver", "solver_options"}
         return equilibrium_forward(model, *args, timesteps=timesteps,
                                    **{k: v for k, v in options.items() if k in allowed})
+    if method == "steady_state":
+        allowed = {"sites", "attention_scores", "solver", "solver_options"}
+        return steady_state_forward(model, *args, **{k: v for k, v in options.items() if k in allowed})
     if method == "bptt":
         allowed = {"sites", "attention_scores", "surrogate"}
         return bptt_forward(model, *args, timesteps=timesteps, **{k: v for k, v in options.items() if k in allowed})

@@ -8,7 +8,8 @@ import torch
 
 from spikingbert_sim.config import SpikingBertConfig
 from spikingbert_sim.equilibrium import (SteadyStateSTE, bptt_forward, equilibrium_forward, measure_equilibrium,
-                                         measure_stepwise, steady_state_equilibrium, student_forward)
+                                         measure_stepwise, steady_state_equilibrium, steady_state_forward,
+                                         student_forward)
 from spikingbert_sim.errors import ConfigError
 from spikingbert_sim.model import SpikingBertForSequenceClassification, attention_mask_bias
 from spikingbert_sim.neurons import steady_state
@@ -148,6 +149,38 @@ def test_gradients_equal_autograd_through_the_steady_state_graph(threshold):
         torch.testing.assert_close(got[name], expected[name], rtol=1e-12, atol=1e-14, msg=name)
         nonzero += int(expected[name].abs().sum() > 0)
     assert nonzero >= len(expected) - 1  # every parameter (but padding rows) receives gradient
+
+
+@pytest.mark.parametrize("feedback", [False, True])
+def test_steady_state_method_is_equilibrium_training_at_the_analog_equilibrium(feedback):
+    """--method steady_state: the values and gradients of equilibrium_forward fed the analog
+    equilibrium, without simulating (and, without feedback, in one pass)."""
+    model = tiny_model(torch.float64, feedback=feedback, feedback_std=0.02 if feedback else None)
+    batch = tiny_batch()
+    with torch.no_grad():
+        measured = steady_state_equilibrium(model, *embed(model, batch))
+    results = []
+    for run in (lambda: equilibrium_forward(model, batch["input_ids"], batch["attention_mask"],
+                                            batch["token_type_ids"], timesteps=1, measured=measured,
+                                            attention_scores=True, solver_options={"tol": 1e-12, "max_iter": 200}),
+                lambda: student_forward(model, batch, "steady_state", 5, attention_scores=True,
+                                        solver_options={"tol": 1e-12, "max_iter": 200})):
+        model.zero_grad(set_to_none=True)
+        out = run()
+        loss_of(out.logits, out.asr, out.attention_scores).backward()
+        results.append((out, grads(model)))
+    (a, ga), (b, gb) = results
+    torch.testing.assert_close(b.logits, a.logits, rtol=1e-12, atol=1e-12)
+    assert sorted(b.asr) == sorted(a.asr) == sorted(model.layer_output_sites())
+    for site in a.asr:
+        torch.testing.assert_close(b.asr[site], measured[site], rtol=1e-12, atol=1e-12)
+    for name in ga:
+        torch.testing.assert_close(gb[name], ga[name], rtol=1e-9, atol=1e-12, msg=name)
+    assert any(g.abs().sum() > 0 for g in gb.values())
+    # and it is not the spiking value: a finite-T measurement differs
+    spiking = equilibrium_forward(model, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
+                                  timesteps=8)
+    assert (spiking.logits - b.logits).abs().max() > 1e-3
 
 
 def test_spiking_gradients_flow_through_clip_of_the_measured_operating_point():
