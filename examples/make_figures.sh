@@ -1,24 +1,36 @@
 #!/usr/bin/env bash
-# Regenerate figures/ (Fig. 2a, Fig. 2b, rasters) with the CLI.
-#   bash examples/make_figures.sh [FP_CHECKPOINT QUANTIZED_CHECKPOINT]
-# Without arguments it converts the offline MiniLM (first 4 layers) to a full-precision and a
-# 1.58-bit spiking model first; pass trained checkpoints to draw them instead.
+# Regenerate figures/ from the shipped SST-2 students:
+#   bash examples/make_figures.sh            # figures only (Fig. 2a, Fig. 2b, rasters, accuracy vs T
+#                                            # from the committed results/sst2/*.json reports)
+#   SWEEP=1 bash examples/make_figures.sh    # also re-measure accuracy vs T on the SST-2 dev set
+#                                            # (one T=128 simulation per student; ~25 min on 2 CPU cores)
+# FP=... Q=... choose other checkpoints for Fig. 2a/2b (Q is drawn in Fig. 2a); T=80 by default.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 T=${T:-80}
+FP=${FP:-checkpoints/sst2-fp.pt}
+Q=${Q:-checkpoints/sst2-1.58bit.pt}
+DATA=${DATA:-../shared/glue}
 work=$(mktemp -d)
-fp=${1:-$work/fp.pt}
-q=${2:-$work/ternary.pt}
-[ -f "$fp" ] || spikesim convert --weights fp --task sst2 --out "$fp"
-[ -f "$q" ] || spikesim convert --weights ternary --task sst2 --out "$q"
+mkdir -p figures results/sst2
 texts=(--text "a gripping, beautifully acted film" --text "the plot is thin and the jokes fall flat"
        --text "an uneven but often moving portrait" --text "I have rarely been this bored in a cinema")
-spikesim run --checkpoint "$q" --timesteps "$T" "${texts[@]}" --out "$work/run" \
+spikesim run --checkpoint "$Q" --timesteps "$T" "${texts[@]}" --out "$work/run" \
     --raster-site layer.0.output --raster-site layer.3.output >/dev/null
-spikesim compare --checkpoint "$fp" --checkpoint "$q" --timesteps "$T" "${texts[@]}" --out "$work/compare" --json \
+spikesim compare --checkpoint "$FP" --checkpoint "$Q" --timesteps "$T" "${texts[@]}" --out "$work/compare" --json \
     > figures/compare.json
-mkdir -p figures
 cp "$work/run/asr_convergence.png" figures/fig2a_asr_convergence.png
 cp "$work/run/raster.png" figures/raster.png
 cp "$work/compare/fig2b.png" figures/fig2b_fp_vs_ternary.png
+if [ "${SWEEP:-0}" = 1 ]; then
+  for name in fp 1.58bit 1bit; do
+    spikesim eval --checkpoint "checkpoints/sst2-$name.pt" --task sst2 --data "$DATA" --timesteps 80 \
+        --sweep 1,2,4,8,12,16,24,32,48,64,80,96,128 --label "$name" --out "results/sst2/sweep-$name.json" >/dev/null
+  done
+fi
+if ls results/sst2/sweep-*.json >/dev/null 2>&1; then
+  spikesim plot results/sst2/sweep-fp.json results/sst2/sweep-1.58bit.json results/sst2/sweep-1bit.json \
+      --out "$work/sweep" >/dev/null
+  cp "$work/sweep/accuracy_vs_timesteps.png" figures/accuracy_vs_timesteps.png
+fi
 echo "figures written to figures/ (work files in $work)"
