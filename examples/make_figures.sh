@@ -22,15 +22,16 @@ spikesim compare --checkpoint "$FP" --checkpoint "$Q" --timesteps "$T" "${texts[
 cp "$work/run/asr_convergence.png" figures/fig2a_asr_convergence.png
 cp "$work/run/raster.png" figures/raster.png
 cp "$work/compare/fig2b.png" figures/fig2b_fp_vs_ternary.png
+students=(fp 1.58bit 1bit)
+reports=("${students[@]/#/results/sst2/sweep-}"); reports=("${reports[@]/%/.json}")
 if [ "${SWEEP:-0}" = 1 ]; then
-  for name in fp 1.58bit 1bit; do
+  for name in "${students[@]}"; do
     spikesim eval --checkpoint "checkpoints/sst2-$name.pt" --task sst2 --data "$DATA" --timesteps 80 \
         --sweep 1,2,4,8,12,16,24,32,48,64,80,96,128 --label "$name" --out "results/sst2/sweep-$name.json" >/dev/null
   done
 fi
-if ls results/sst2/sweep-*.json >/dev/null 2>&1; then
-  spikesim plot results/sst2/sweep-fp.json results/sst2/sweep-1.58bit.json results/sst2/sweep-1bit.json \
-      --out "$work/sweep" >/dev/null
+if ls "${reports[@]}" >/dev/null 2>&1; then
+  spikesim plot "${reports[@]}" --out "$work/sweep" >/dev/null
   cp "$work/sweep/accuracy_vs_timesteps.png" figures/accuracy_vs_timesteps.png
 fi
 echo "figures written to figures/ (work files in $work)"

@@ -40,6 +40,7 @@ def test_shipped_checkpoint_format(name, mode):
     if allowed is not None:
         assert raw["packed"], "binary/ternary matrices are stored packed"
 
+
 @pytest.mark.skipif(not (GLUE / "SST-2" / "dev.tsv").exists(), reason="no ../shared/glue beside the clone")
 @pytest.mark.parametrize("name", sorted(SHIPPED))
 def test_shipped_students_are_trained(name):
@@ -47,7 +48,6 @@ def test_shipped_students_are_trained(name):
     from spikingbert_sim.evaluation import evaluate_student
     from spikingbert_sim.hf import tokenizer_from_meta
 
-    torch.set_num_threads(min(2, torch.get_num_threads()))
     ck = load_checkpoint(ROOT / "checkpoints" / name)
     tensors = GlueDataset.from_split(load_glue("sst2", "validation", GLUE), tokenizer_from_meta(ck.meta),
                                      128).tensors
