@@ -123,6 +123,9 @@ def _layer_map(ctx, param, value):
 @click.option("--save-every", type=int, default=None, callback=positive_int, help="Also save last.pt every N steps.")
 @click.option("--eval-timesteps", type=int, default=None, callback=positive_int,
               help="T of dev evaluation [default: --timesteps].")
+@click.option("--log-every", type=click.IntRange(min=0), default=None,
+              help="Log a progress line (loss, s/step, time left) every N steps; 0: never "
+                   "[default: 50 when no progress bar is shown].")
 @click.option("--layer-map", callback=_layer_map,
               help="Teacher hidden state matched by each student layer, e.g. 2,4,6 (0 = embeddings) "
                    "[default: evenly spaced, last on last].")
@@ -144,7 +147,7 @@ def _layer_map(ctx, param, value):
               help="BPTT surrogate gradient.")
 def train(task, data_dir, epochs, max_steps, batch_size, seed, max_length, limit, eval_limit, warmup_ratio,
           weight_decay, device, progress, out, teacher_dir, weights, timesteps, stage, lr, init, layers, method,
-          resume, eval_every, save_every, eval_timesteps, layer_map, attention_kd, temperature, max_grad_norm,
+          resume, eval_every, save_every, eval_timesteps, log_every, layer_map, attention_kd, temperature, max_grad_norm,
           feedback, threshold, solver, solver_tol, solver_max_iter, time_chunk, surrogate):
     """Distil a spiking student from a BERT teacher on a GLUE task (equilibrium gradients or BPTT)."""
     from .teacher import quiet_transformers
@@ -159,7 +162,7 @@ def train(task, data_dir, epochs, max_steps, batch_size, seed, max_length, limit
         max_length=max_length, limit=limit, warmup_ratio=warmup_ratio, weight_decay=weight_decay,
         max_grad_norm=max_grad_norm, feedback=feedback, threshold=threshold, solver=solver, solver_tol=solver_tol,
         solver_max_iter=solver_max_iter, time_chunk=time_chunk, surrogate=surrogate, eval_every=eval_every,
-        save_every=save_every, eval_limit=eval_limit, eval_timesteps=eval_timesteps, device=device)
+        save_every=save_every, eval_limit=eval_limit, eval_timesteps=eval_timesteps, log_every=log_every, device=device)
     result = run_training(config, resume=resume, progress=progress, command=_command_line())
     import os
 

@@ -57,6 +57,8 @@ from .solvers import SOLVERS
 STAGE_CHOICES = STAGES + ("all",)
 INIT_CHOICES = ("teacher", "random")
 METRICS_FILE, LAST, BEST = "metrics.jsonl", "last.pt", "best.pt"
+DEFAULT_LOG_EVERY = 50
+"""Steps between progress lines when no progress bar is shown (stderr not a terminal)."""
 STATE_VERSION = 1
 
 
@@ -188,6 +190,7 @@ class TrainConfig:
     save_every: int | None = None  # also save last.pt every N steps
     eval_limit: int | None = None
     eval_timesteps: int | None = None  # T of dev evaluation (default: timesteps)
+    log_every: int | None = None  # log a progress line every N steps (None: 50 without progress bars; 0: never)
     device: str = "auto"
 
     def __post_init__(self) -> None:
@@ -196,6 +199,8 @@ class TrainConfig:
             _positive(self, name)
         for name in ("eval_every", "save_every", "eval_timesteps", "time_chunk"):
             _positive(self, name, optional=True)
+        if self.log_every is not None and (isinstance(self.log_every, bool) or self.log_every < 0):
+            raise ConfigError(f"log_every must be a non-negative integer, got {self.log_every!r}")
         if self.weights not in ("fp", "binary", "ternary"):
             raise ConfigError(f"weights must be fp, binary or ternary, got {self.weights!r}")
         if self.stage not in STAGE_CHOICES:
@@ -231,7 +236,7 @@ class TrainConfig:
 
 
 RUN_ONLY_FIELDS = frozenset({"out", "data_dir", "teacher", "eval_every", "save_every", "eval_limit",
-                             "eval_timesteps", "device"})
+                             "eval_timesteps", "log_every", "device"})
 """Fields that do not change the trained weights (the data and teacher are identified by content)."""
 
 
@@ -384,6 +389,16 @@ class TrainResult:
 
 
 # --- the trainer -----------------------------------------------------------------------------------
+
+def _duration(seconds: float) -> str:
+    """``3725`` -> ``'1 h 02 min'``; ``95`` -> ``'1 min 35 s'``."""
+    s = int(round(seconds))
+    if s >= 3600:
+        return f"{s // 3600} h {s % 3600 // 60:02d} min"
+    if s >= 60:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s} s"
+
 
 class Trainer:
     """Holds everything one training run needs; :meth:`run` trains. See the module doc."""
@@ -745,6 +760,8 @@ class Trainer:
             bar = tqdm(total=total, initial=p.stage_step, desc=f"{stage} ({c.method}, T={c.timesteps})",
                        unit="step", disable=not self._bars, file=sys.stderr, dynamic_ncols=True)
             loss_sum, loss_count, last_stats = 0.0, 0, None
+            log_every = c.log_every if c.log_every is not None else (0 if self._bars else DEFAULT_LOG_EVERY)
+            window = [0.0, 0, time.time()]  # loss sum, steps, start of the steps since the last progress line
             order: tuple[int, list[Tensor]] | None = None
             while p.stage_step < total:
                 if order is None or order[0] != p.epoch:
@@ -770,6 +787,8 @@ class Trainer:
                                       "lower --lr")
                 loss_sum += loss_value
                 loss_count += 1
+                window[0] += loss_value
+                window[1] += 1
                 p.stage_step += 1
                 p.global_step += 1
                 p.position += 1
@@ -778,6 +797,11 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_value:.4f}")
                 stage_done = p.stage_step >= total
+                if log_every and p.stage_step % log_every == 0 and d.is_main:
+                    seconds = (time.time() - window[2]) / window[1]
+                    self.log(f"step {p.global_step} [{stage} {p.stage_step}/{total}] loss {window[0] / window[1]:.4f}, "
+                             f"{seconds:.2f} s/step, {_duration(seconds * (total - p.stage_step))} left in the stage")
+                    window = [0.0, 0, time.time()]
                 epoch_end = p.position == 0
                 evaluate = stage_done or (c.eval_every is not None and p.global_step % c.eval_every == 0) or \
                     (c.eval_every is None and epoch_end)

@@ -176,3 +176,32 @@ def test_sigkill_and_resume_reproduces_the_uninterrupted_run_bitwise(assets, tmp
     strip = lambda rs: [{k: v for k, v in r.items() if k != "elapsed_s"} for r in rs]  # noqa: E731
     assert strip(read_metrics(full)) == strip(read_metrics(cut))
     assert len(read_metrics(full)) == 15  # 30 steps, every 2nd
+
+
+def test_progress_lines_every_n_steps_without_bars(assets, tmp_path):
+    lines = []
+    train(config(assets, tmp_path / "run", stage="predict", max_steps=6, eval_every=100, log_every=2),
+          progress=False, log=lines.append)
+    progress = [line for line in lines if "s/step" in line]
+    # steps 2, 4, 6 of the 6-step stage; each line's loss is the mean over the steps since the previous line
+    assert [line.split(" [")[0] for line in progress] == ["step 2", "step 4", "step 6"]
+    assert all(f"[predict {s}/6]" in line for s, line in zip((2, 4, 6), progress))
+    assert progress[-1].endswith("0 s left in the stage")
+    losses = [float(line.split("loss ")[1].split(",")[0]) for line in progress]
+    assert all(v > 0 for v in losses)
+
+
+def test_progress_lines_default_off_with_bars_and_zero_means_never(assets, tmp_path):
+    lines = []
+    train(config(assets, tmp_path / "a", stage="predict", max_steps=3, log_every=0), progress=False, log=lines.append)
+    assert not any("s/step" in line for line in lines)
+    with pytest.raises(ConfigError, match="log_every"):
+        config(assets, tmp_path / "b", log_every=-1)
+
+
+def test_duration_text():
+    from spikingbert_sim.trainer import _duration
+
+    assert _duration(3725) == "1 h 02 min"
+    assert _duration(95) == "1 min 35 s"
+    assert _duration(4.4) == "4 s"
