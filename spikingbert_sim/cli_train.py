@@ -226,17 +226,21 @@ def _sweep(ctx, param, value):
               help="Simulation engine.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Where to simulate.")
+@click.option("--analog", is_flag=True,
+              help="Also score the analog equilibrium (T -> infinity, every neuron at its steady-state rate): "
+                   "the rate network the simulation approaches and --method steady_state trains.")
 @click.option("--label", default=None, help="Name of this model in reports and figures [default: from the checkpoint].")
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="Also write the JSON report to this file (atomically); `spikesim plot` draws its sweep.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def evaluate(checkpoint, task, data_dir, split, timesteps, sweep, adaptive, adaptive_window, adaptive_asr_tol,
              adaptive_value_tol, adaptive_min_steps, adaptive_check_every, adaptive_batch_size, limit, batch_size,
-             max_length, engine, device, label, out, as_json):
+             max_length, engine, device, analog, label, out, as_json):
     """Score a spiking checkpoint on a GLUE split with T-step spiking simulation.
 
     With --sweep, the metric at every listed T (accuracy versus time steps); with --adaptive, the
-    metric and the mean time steps used when every batch stops once it has settled.
+    metric and the mean time steps used when every batch stops once it has settled; with --analog,
+    the metric of the analog (T -> infinity) equilibrium too.
     """
     import json
     import time
@@ -244,7 +248,7 @@ def evaluate(checkpoint, task, data_dir, split, timesteps, sweep, adaptive, adap
     from .checkpoint import load_checkpoint
     from .data import GlueDataset, get_task, load_glue
     from .errors import ConfigError
-    from .evaluation import evaluate_adaptive, sweep_timesteps
+    from .evaluation import evaluate_adaptive, evaluate_analog, sweep_timesteps
     from .fileio import atomic_write_text
     from .hf import load_tokenizer, tokenizer_from_meta
     from .trainer import evaluate_student, resolve_device
@@ -289,6 +293,8 @@ def evaluate(checkpoint, task, data_dir, split, timesteps, sweep, adaptive, adap
                               "criterion": {"window": options.window, "asr_tol": options.asr_tol,
                                             "value_tol": options.value_tol, "min_steps": options.min_steps,
                                             "check_every": options.check_every}}
+    if analog:
+        report["analog"], _ = evaluate_analog(model, info.name, tensors, batch_size, dev, progress=bars)
     report["seconds"] = round(time.time() - start, 2)
     text = json.dumps(report, indent=2)
     if out:
@@ -301,6 +307,8 @@ def evaluate(checkpoint, task, data_dir, split, timesteps, sweep, adaptive, adap
                f"weights {model.config.weight_mode}): " + fmt(report["metrics"]))
     for point in report.get("sweep", []):
         click.echo(f"  T={point['timesteps']:>4}: " + fmt(point["metrics"]))
+    if "analog" in report:
+        click.echo("  analog (T -> infinity): " + fmt(report["analog"]))
     if "adaptive" in report:
         a = report["adaptive"]
         click.echo(f"  adaptive (at most T={timesteps}): {fmt(a['metrics'])}; mean {a['mean_timesteps']:.1f} "

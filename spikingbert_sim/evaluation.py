@@ -81,6 +81,29 @@ def evaluate_student(model: SpikingBertForSequenceClassification, task: str, ten
     return compute_metrics(task, logits.numpy(), tensors["labels"].numpy()), logits
 
 
+@torch.no_grad()
+def evaluate_analog(model: SpikingBertForSequenceClassification, task: str, tensors: dict[str, Tensor],
+                    batch_size: int, device: torch.device | str, progress: bool = False) -> tuple[dict[str, float], Tensor]:
+    """GLUE metrics of the model's analog equilibrium (T → ∞: every neuron fires at its steady-state
+    rate ``clip(I / V_th, 0, 1)``), the rate network that the spiking simulation approaches and that
+    ``--method steady_state`` trains. Its gap to :func:`evaluate_student` at a given T is what the
+    finite simulation costs. Returns ``(metrics, logits)`` with logits in the tensors' order."""
+    from .equilibrium import steady_state_forward
+    from .metrics import compute_metrics
+
+    n = tensors["input_ids"].shape[0]
+    logits = torch.empty(n, model.config.num_labels)
+    was_training = model.training
+    model.eval()
+    try:
+        for idx, b in _batches(model, tensors, batch_size, device, "eval analog", progress):
+            out = steady_state_forward(model, b["input_ids"], b["attention_mask"], b["token_type_ids"])
+            logits[idx] = out.logits.float().cpu()
+    finally:
+        model.train(was_training)
+    return compute_metrics(task, logits.numpy(), tensors["labels"].numpy()), logits
+
+
 def parse_timesteps_list(text: str) -> list[int]:
     """``"1,2,4,80"`` -> ``[1, 2, 4, 80]`` (sorted, unique, each a positive integer)."""
     try:

@@ -212,3 +212,28 @@ def test_bad_options_are_usage_errors(assets, tmp_path):
     assert_one_line_error(invoke("eval", "-c", out / "last.pt", "--task", "sst2", "--data", assets["data"]),
                           "1-label head", "needs 2")
     assert Path(out / "best.pt").exists()
+
+
+def test_eval_analog_scores_the_steady_state_network(assets, tmp_path):
+    out = tmp_path / "student"
+    assert invoke(*train_args(assets, out, "--stage", "finetune")).exit_code == 0
+    scored = invoke("eval", "-c", out / "last.pt", "--task", "sst2", "--data", assets["data"], "-T", "4",
+                    "--analog", "--batch-size", "3", "--json")
+    assert scored.exit_code == 0, scored.output
+    report = json.loads(scored.output[scored.output.index("{"):])
+    # independently: the whole dev set in one padded batch through the analog pass
+    import torch
+    from spikingbert_sim.checkpoint import load_checkpoint
+    from spikingbert_sim.data import GlueDataset, load_glue
+    from spikingbert_sim.equilibrium import steady_state_forward
+    from spikingbert_sim.hf import tokenizer_from_meta
+    from spikingbert_sim.metrics import compute_metrics
+
+    ckpt = load_checkpoint(out / "last.pt")
+    t = GlueDataset.from_split(load_glue("sst2", "dev", assets["data"]), tokenizer_from_meta(ckpt.meta)).tensors
+    with torch.no_grad():
+        logits = steady_state_forward(ckpt.model.eval(), t["input_ids"], t["attention_mask"], t["token_type_ids"]).logits
+    assert report["analog"] == compute_metrics("sst2", logits.numpy(), t["labels"].numpy())
+    assert set(report["metrics"]) == {"accuracy"}  # the spiking score at T=4 is still reported
+    plain = invoke("eval", "-c", out / "last.pt", "--task", "sst2", "--data", assets["data"], "-T", "4", "--analog")
+    assert "analog (T -> infinity): accuracy=" in plain.output
