@@ -808,6 +808,7 @@ class Trainer:
                 save = evaluate or (c.save_every is not None and p.global_step % c.save_every == 0)
                 if not save:
                     continue
+                paused = time.time()  # evaluation and saving are not training steps: keep them out of s/step
                 record = None
                 if evaluate:
                     last_metrics = self._evaluate()
@@ -842,6 +843,7 @@ class Trainer:
                     break
                 self._save_last(stage, optimizer, scheduler, last_metrics)
                 _barrier(d)
+                window[2] += time.time() - paused
             bar.close()
         result = TrainResult(out=self.out, global_step=p.global_step, best_metric=p.best_metric,
                              best_step=p.best_step, last_metrics=last_metrics, model=self.student)

@@ -205,3 +205,20 @@ def test_duration_text():
     assert _duration(3725) == "1 h 02 min"
     assert _duration(95) == "1 min 35 s"
     assert _duration(4.4) == "4 s"
+
+
+def test_progress_seconds_per_step_leave_out_evaluation(assets, tmp_path, monkeypatch):
+    from spikingbert_sim import trainer as trainer_module
+
+    evaluate = trainer_module.Trainer._evaluate
+
+    def slow_evaluate(self):
+        time.sleep(1.5)
+        return evaluate(self)
+
+    monkeypatch.setattr(trainer_module.Trainer, "_evaluate", slow_evaluate)
+    lines = []
+    train(config(assets, tmp_path / "run", stage="predict", max_steps=4, eval_every=1, log_every=2),
+          progress=False, log=lines.append)
+    per_step = [float(line.split(", ")[1].split(" s/step")[0]) for line in lines if "s/step" in line]
+    assert len(per_step) == 2 and max(per_step) < 1.0  # a 1.5 s evaluation after every step is not counted
