@@ -27,3 +27,7 @@ done
 # 4. ablation without intermediate KD: the full-precision student's soft-label stage alone, from the teacher's layers
 spikesim train "${common[@]}" --weights fp --stage predict --max-steps 575 --eval-every 115 --eval-timesteps 80 \
     --out "$R/mrpc/nokd-fp-pred"
+# 5. a first try at the analog-to-spiking gap: gradients at the measured spiking equilibrium (T=16), 60 steps
+spikesim train --task mrpc --data "$G" --teacher "$TE" --batch-size 32 --seed 42 --lr 5e-5 --resume \
+    --method equilibrium -T 16 --weights ternary --stage predict --max-steps 60 --eval-every 1000000 --eval-timesteps 80 \
+    --init "$R/mrpc/ternary-pred/last.pt" --out "$R/mrpc/ternary-eq"
