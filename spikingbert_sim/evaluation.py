@@ -62,6 +62,16 @@ def _batches(model, tensors, batch_size, device, desc, show):
         yield idx, trim_batch({k: v[idx] for k, v in tensors.items()}, device)
 
 
+def _score(model, task, tensors, batch_size, device, desc, progress, forward) -> tuple[dict[str, float], Tensor]:
+    """GLUE metrics and logits (in the tensors' order) of ``forward(batch) -> logits`` over length batches."""
+    from .metrics import compute_metrics
+
+    logits = torch.empty(tensors["input_ids"].shape[0], model.config.num_labels)
+    for idx, b in _batches(model, tensors, batch_size, device, desc, progress):
+        logits[idx] = forward(b).float().cpu()
+    return compute_metrics(task, logits.numpy(), tensors["labels"].numpy()), logits
+
+
 @torch.no_grad()
 def evaluate_student(model: SpikingBertForSequenceClassification, task: str, tensors: dict[str, Tensor],
                      timesteps: int, batch_size: int, device: torch.device | str, engine: str = "fast",
@@ -69,16 +79,10 @@ def evaluate_student(model: SpikingBertForSequenceClassification, task: str, ten
     """GLUE metrics of the spiking model simulated for ``timesteps`` steps on tokenized tensors
     (``input_ids``, ``attention_mask``, ``token_type_ids``, ``labels``). Returns ``(metrics, logits)``
     with logits in the tensors' order."""
-    from .metrics import compute_metrics
-
     timesteps = check_timesteps(timesteps)
-    n = tensors["input_ids"].shape[0]
-    logits = torch.empty(n, model.config.num_labels)
-    for idx, b in _batches(model, tensors, batch_size, device, f"eval T={timesteps}", progress):
-        r = simulate(model, b["input_ids"], b["attention_mask"], b["token_type_ids"], timesteps=timesteps,
-                     engine=engine)
-        logits[idx] = r.logits.float().cpu()
-    return compute_metrics(task, logits.numpy(), tensors["labels"].numpy()), logits
+    return _score(model, task, tensors, batch_size, device, f"eval T={timesteps}", progress,
+                  lambda b: simulate(model, b["input_ids"], b["attention_mask"], b["token_type_ids"],
+                                     timesteps=timesteps, engine=engine).logits)
 
 
 @torch.no_grad()
@@ -89,19 +93,15 @@ def evaluate_analog(model: SpikingBertForSequenceClassification, task: str, tens
     ``--method steady_state`` trains. Its gap to :func:`evaluate_student` at a given T is what the
     finite simulation costs. Returns ``(metrics, logits)`` with logits in the tensors' order."""
     from .equilibrium import steady_state_forward
-    from .metrics import compute_metrics
 
-    n = tensors["input_ids"].shape[0]
-    logits = torch.empty(n, model.config.num_labels)
     was_training = model.training
     model.eval()
     try:
-        for idx, b in _batches(model, tensors, batch_size, device, "eval analog", progress):
-            out = steady_state_forward(model, b["input_ids"], b["attention_mask"], b["token_type_ids"])
-            logits[idx] = out.logits.float().cpu()
+        return _score(model, task, tensors, batch_size, device, "eval analog", progress,
+                      lambda b: steady_state_forward(model, b["input_ids"], b["attention_mask"],
+                                                     b["token_type_ids"]).logits)
     finally:
         model.train(was_training)
-    return compute_metrics(task, logits.numpy(), tensors["labels"].numpy()), logits
 
 
 def parse_timesteps_list(text: str) -> list[int]:

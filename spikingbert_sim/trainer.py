@@ -797,7 +797,7 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_value:.4f}")
                 stage_done = p.stage_step >= total
-                if log_every and p.stage_step % log_every == 0 and d.is_main:
+                if log_every and p.stage_step % log_every == 0:
                     seconds = (time.time() - window[2]) / window[1]
                     self.log(f"step {p.global_step} [{stage} {p.stage_step}/{total}] loss {window[0] / window[1]:.4f}, "
                              f"{seconds:.2f} s/step, {_duration(seconds * (total - p.stage_step))} left in the stage")
