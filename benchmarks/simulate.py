@@ -105,6 +105,34 @@ def matmul_peaks(device: str, n: int = 8192) -> dict[str, float]:
     return peaks
 
 
+PRODUCT_OPS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::_int_mm")
+
+
+def product_time_cpu(fn) -> tuple[float, float]:
+    """(seconds in matrix products, seconds in all operators) of one run of ``fn`` on the CPU, by
+    torch.profiler's self times (the products' share of the run; the profiler's own per-operator
+    overhead falls on the many small element-wise operators, so the share is a lower bound)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    products = sum(e.self_cpu_time_total for e in events if e.key in PRODUCT_OPS)
+    return products / 1e6, total / 1e6
+
+
+def cpu_matmul_peaks(n: int = 2048) -> dict[str, float]:
+    """GFLOP/s of an n³ product on the CPU with the current thread count: fp32 and bf16 operands
+    (the fast engine's exact spike products run in bf16 on the CPU). Median of 5 after 1 warm-up."""
+    peaks = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        x = torch.randint(-1, 2, (n, n)).to(dtype)
+        y = torch.randint(-1, 2, (n, n)).to(dtype)
+        torch.mm(x, y)
+        peaks[name] = 2 * n ** 3 / statistics.median(timed(lambda: torch.mm(x, y), "cpu", 5)) / 1e9
+    return peaks
+
+
 def flops_per_sequence_step(model: SpikingBertForSequenceClassification, L: int) -> tuple[float, float]:
     """(linear-layer FLOPs, attention FLOPs) of one sequence for one time step."""
     c = model.config
@@ -132,8 +160,13 @@ def main(argv=None) -> dict:
     p.add_argument("--repeats", type=int, default=None, help="timed runs per engine (default 5 fast, 2 reference)")
     p.add_argument("--pad", type=float, default=0.0, help="pad this share of each sequence's tail in half the batch")
     p.add_argument("--no-mismatch", action="store_true", help="skip the spike-by-spike comparison")
+    p.add_argument("--profile", action="store_true",
+                   help="CPU: also report the fast engine's time in matrix products, the speed-up it would "
+                        "reach if everything else were free, and the CPU's measured product peak")
     p.add_argument("--out", default=None, help="also write the JSON object to this file")
     a = p.parse_args(argv)
+    if a.profile and a.device != "cpu":
+        p.error("--profile is for --device cpu (on CUDA, benchmarks/profile_fast.py lists the kernels)")
     if a.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device")
     if a.threads:
@@ -203,6 +236,15 @@ def main(argv=None) -> dict:
             result.setdefault("fast_seq_steps_per_s_by_operand", {})[operand] = seq_steps / statistics.median(times)
         except Exception as exc:
             result.setdefault("fast_seq_steps_per_s_by_operand", {})[operand] = f"failed: {exc}"[:200]
+    if a.profile:
+        lin, att = flops_per_sequence_step(model, L)
+        products_s, profiled_s = product_time_cpu(fast)
+        result["fast_product_s"] = products_s
+        result["fast_profiled_s"] = profiled_s
+        result["fast_product_share"] = products_s / profiled_s
+        result["fast_product_gflops"] = (lin + att) * seq_steps / products_s / 1e9
+        result["speedup_bound_products_only"] = statistics.median(t_ref) / products_s
+        result["cpu_matmul_peak_gflops"] = cpu_matmul_peaks()
     if dev == "cuda":
         lin, att = flops_per_sequence_step(model, L)
         rate = (lin + att) * seq_steps / statistics.median(t_fast) / 1e12

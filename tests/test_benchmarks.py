@@ -1,0 +1,35 @@
+"""The benchmark scripts run and report self-consistent numbers (timings themselves are not tested)."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_simulate_profile_reports_product_share_and_bound(capsys):
+    sim = _load("simulate")
+    r = sim.main(["--device", "cpu", "--config", "tiny", "--batch", "2", "--timesteps", "6", "--seq-len", "8",
+                  "--repeats", "1", "--threads", "1", "--profile"])
+    assert r["spike_mismatch"] == 0 and r["logits_max_abs_diff"] == 0.0
+    assert 0 < r["fast_product_s"] < r["fast_profiled_s"]
+    assert r["fast_product_share"] == pytest.approx(r["fast_product_s"] / r["fast_profiled_s"])
+    # if everything but the products were free, the speed-up could only grow
+    assert r["speedup_bound_products_only"] > r["speedup"]
+    assert set(r["cpu_matmul_peak_gflops"]) == {"fp32", "bf16"}
+    assert '"fast_product_share"' in capsys.readouterr().out
+
+
+def test_simulate_profile_refuses_cuda(capsys):
+    sim = _load("simulate")
+    with pytest.raises(SystemExit):
+        sim.main(["--device", "cuda", "--profile"])
+    assert "--profile is for --device cpu" in capsys.readouterr().err
