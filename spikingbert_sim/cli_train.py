@@ -48,6 +48,9 @@ def training_options(fn):
                      help="Where to train (auto: CUDA when available)."),
         click.option("--progress/--no-progress", default=None,
                      help="Show progress bars [default: when stderr is a terminal]."),
+        click.option("--log-every", type=click.IntRange(min=0), default=None,
+                     help="Log a progress line (loss, s/step, time left) every N steps; 0: never "
+                          "[default: 50 when no progress bar is shown]."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -64,14 +67,14 @@ def training_options(fn):
 @click.option("--force", is_flag=True, help="Replace --out if it exists and is not empty.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def teacher(task, data_dir, epochs, max_steps, batch_size, seed, max_length, limit, eval_limit, warmup_ratio,
-            weight_decay, device, progress, out, model, lr, force, as_json):
+            weight_decay, device, progress, log_every, out, model, lr, force, as_json):
     """Fine-tune a BERT classifier on a GLUE task: the distillation teacher."""
     from .teacher import TeacherConfig, finetune_teacher
 
     config = TeacherConfig(task=task, out=out, data_dir=data_dir, model=model, epochs=epochs, max_steps=max_steps,
                            batch_size=batch_size, lr=lr, seed=seed, max_length=max_length, limit=limit,
                            eval_limit=eval_limit, warmup_ratio=warmup_ratio, weight_decay=weight_decay,
-                           device=device, force=force)
+                           device=device, force=force, log_every=log_every)
     summary = finetune_teacher(config, progress=progress, log=log)
     if as_json:
         echo_json(summary)
@@ -123,9 +126,6 @@ def _layer_map(ctx, param, value):
 @click.option("--save-every", type=int, default=None, callback=positive_int, help="Also save last.pt every N steps.")
 @click.option("--eval-timesteps", type=int, default=None, callback=positive_int,
               help="T of dev evaluation [default: --timesteps].")
-@click.option("--log-every", type=click.IntRange(min=0), default=None,
-              help="Log a progress line (loss, s/step, time left) every N steps; 0: never "
-                   "[default: 50 when no progress bar is shown].")
 @click.option("--layer-map", callback=_layer_map,
               help="Teacher hidden state matched by each student layer, e.g. 2,4,6 (0 = embeddings) "
                    "[default: evenly spaced, last on last].")
@@ -146,8 +146,8 @@ def _layer_map(ctx, param, value):
 @click.option("--surrogate", type=click.Choice(["atan", "fast_sigmoid"]), default="atan", show_default=True,
               help="BPTT surrogate gradient.")
 def train(task, data_dir, epochs, max_steps, batch_size, seed, max_length, limit, eval_limit, warmup_ratio,
-          weight_decay, device, progress, out, teacher_dir, weights, timesteps, stage, lr, init, layers, method,
-          resume, eval_every, save_every, eval_timesteps, log_every, layer_map, attention_kd, temperature, max_grad_norm,
+          weight_decay, device, progress, log_every, out, teacher_dir, weights, timesteps, stage, lr, init, layers,
+          method, resume, eval_every, save_every, eval_timesteps, layer_map, attention_kd, temperature, max_grad_norm,
           feedback, threshold, solver, solver_tol, solver_max_iter, time_chunk, surrogate):
     """Distil a spiking student from a BERT teacher on a GLUE task (equilibrium gradients or BPTT)."""
     from .teacher import quiet_transformers

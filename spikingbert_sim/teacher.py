@@ -155,6 +155,7 @@ class TeacherConfig:
     weight_decay: float = 0.01
     device: str = "cpu"
     force: bool = False  # replace an existing non-empty out folder
+    log_every: int | None = None  # log a progress line every N steps (None: 50 without a progress bar; 0: never)
 
     def __post_init__(self) -> None:
         from .trainer import check_common
@@ -227,8 +228,8 @@ def finetune_teacher(config: TeacherConfig, progress: bool | None = None,
     from .data import GlueDataset, get_task, load_glue
     from .hf import default_model_path, load_bert, load_tokenizer
     from .metrics import main_metric
-    from .trainer import (batch_order, linear_schedule, param_groups, resolve_device, seed_everything,
-                          total_steps, trim_batch)
+    from .trainer import (ProgressLog, batch_order, linear_schedule, log_interval, param_groups, resolve_device,
+                          seed_everything, total_steps, trim_batch)
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
     quiet_transformers()
@@ -269,6 +270,7 @@ def finetune_teacher(config: TeacherConfig, progress: bool | None = None,
     scheduler = linear_schedule(optimizer, total, config.warmup_ratio)
     show = sys.stderr.isatty() if progress is None else progress
     bar = tqdm(total=total, desc=f"teacher {info.name}", unit="step", disable=not show, file=sys.stderr)
+    progress_log = ProgressLog(log_interval(config.log_every, show), total, log)
     start_time = time.time()
     step = epoch = 0
     losses = []
@@ -287,6 +289,7 @@ def finetune_teacher(config: TeacherConfig, progress: bool | None = None,
             losses.append(float(outputs.loss.detach()))
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            progress_log.step(step, losses[-1], f"teacher {info.name} step {step}/{total} (epoch {epoch + 1})")
             if step >= total:
                 break
         epoch += 1

@@ -89,6 +89,9 @@ def check_common(cfg: Any) -> None:
         raise ConfigError(f"weight_decay must be >= 0, got {cfg.weight_decay!r}")
     if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or cfg.seed < 0:
         raise ConfigError(f"seed must be a non-negative integer, got {cfg.seed!r}")
+    every = cfg.log_every
+    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 0):
+        raise ConfigError(f"log_every must be a non-negative integer, got {every!r}")
     if not (cfg.device in ("auto", "cpu", "cuda") or str(cfg.device).startswith("cuda:")):
         raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
 
@@ -199,8 +202,6 @@ class TrainConfig:
             _positive(self, name)
         for name in ("eval_every", "save_every", "eval_timesteps", "time_chunk"):
             _positive(self, name, optional=True)
-        if self.log_every is not None and (isinstance(self.log_every, bool) or self.log_every < 0):
-            raise ConfigError(f"log_every must be a non-negative integer, got {self.log_every!r}")
         if self.weights not in ("fp", "binary", "ternary"):
             raise ConfigError(f"weights must be fp, binary or ternary, got {self.weights!r}")
         if self.stage not in STAGE_CHOICES:
@@ -398,6 +399,44 @@ def _duration(seconds: float) -> str:
     if s >= 60:
         return f"{s // 60} min {s % 60:02d} s"
     return f"{s} s"
+
+
+def log_interval(log_every: int | None, bars: bool) -> int:
+    """Steps between progress lines: ``log_every``, or by default none beside a progress bar and
+    every :data:`DEFAULT_LOG_EVERY` steps without one (logs, batch jobs)."""
+    if log_every is not None:
+        return log_every
+    return 0 if bars else DEFAULT_LOG_EVERY
+
+
+class ProgressLog:
+    """Progress lines every ``every`` steps: mean loss and s/step since the last line, time left.
+
+    ``pause()`` ... ``resume()`` brackets work that is not a training step (evaluation, saving), so
+    that it counts neither in s/step nor in the time left. ``every`` 0: never log.
+    """
+
+    def __init__(self, every: int, total: int, log: Callable[[str], None], scope: str = "") -> None:
+        self.every, self.total, self.log, self.scope = every, total, log, scope
+        self._loss, self._steps, self._start, self._paused = 0.0, 0, time.time(), None
+
+    def step(self, done: int, loss: float, label: str) -> None:
+        """Count one finished step (``done`` of ``total``); log a line when ``done`` is a multiple of ``every``."""
+        self._loss += loss
+        self._steps += 1
+        if self.every and done % self.every == 0:
+            seconds = (time.time() - self._start) / self._steps
+            self.log(f"{label} loss {self._loss / self._steps:.4f}, {seconds:.2f} s/step, "
+                     f"{_duration(seconds * (self.total - done))} left{self.scope}")
+            self._loss, self._steps, self._start = 0.0, 0, time.time()
+
+    def pause(self) -> None:
+        self._paused = time.time()
+
+    def resume(self) -> None:
+        if self._paused is not None:
+            self._start += time.time() - self._paused
+            self._paused = None
 
 
 class Trainer:
@@ -760,8 +799,7 @@ class Trainer:
             bar = tqdm(total=total, initial=p.stage_step, desc=f"{stage} ({c.method}, T={c.timesteps})",
                        unit="step", disable=not self._bars, file=sys.stderr, dynamic_ncols=True)
             loss_sum, loss_count, last_stats = 0.0, 0, None
-            log_every = c.log_every if c.log_every is not None else (0 if self._bars else DEFAULT_LOG_EVERY)
-            window = [0.0, 0, time.time()]  # loss sum, steps, start of the steps since the last progress line
+            progress_log = ProgressLog(log_interval(c.log_every, self._bars), total, self.log, " in the stage")
             order: tuple[int, list[Tensor]] | None = None
             while p.stage_step < total:
                 if order is None or order[0] != p.epoch:
@@ -787,8 +825,6 @@ class Trainer:
                                       "lower --lr")
                 loss_sum += loss_value
                 loss_count += 1
-                window[0] += loss_value
-                window[1] += 1
                 p.stage_step += 1
                 p.global_step += 1
                 p.position += 1
@@ -797,18 +833,14 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_value:.4f}")
                 stage_done = p.stage_step >= total
-                if log_every and p.stage_step % log_every == 0:
-                    seconds = (time.time() - window[2]) / window[1]
-                    self.log(f"step {p.global_step} [{stage} {p.stage_step}/{total}] loss {window[0] / window[1]:.4f}, "
-                             f"{seconds:.2f} s/step, {_duration(seconds * (total - p.stage_step))} left in the stage")
-                    window = [0.0, 0, time.time()]
+                progress_log.step(p.stage_step, loss_value, f"step {p.global_step} [{stage} {p.stage_step}/{total}]")
                 epoch_end = p.position == 0
                 evaluate = stage_done or (c.eval_every is not None and p.global_step % c.eval_every == 0) or \
                     (c.eval_every is None and epoch_end)
                 save = evaluate or (c.save_every is not None and p.global_step % c.save_every == 0)
                 if not save:
                     continue
-                paused = time.time()  # evaluation and saving are not training steps: keep them out of s/step
+                progress_log.pause()  # evaluation and saving are not training steps: keep them out of s/step
                 record = None
                 if evaluate:
                     last_metrics = self._evaluate()
@@ -843,7 +875,7 @@ class Trainer:
                     break
                 self._save_last(stage, optimizer, scheduler, last_metrics)
                 _barrier(d)
-                window[2] += time.time() - paused
+                progress_log.resume()
             bar.close()
         result = TrainResult(out=self.out, global_step=p.global_step, best_metric=p.best_metric,
                              best_step=p.best_step, last_metrics=last_metrics, model=self.student)

@@ -76,6 +76,21 @@ def test_teacher_finetunes_and_saves_atomically(assets, tmp_path):
     assert (out / "model.safetensors").read_bytes() != before
 
 
+def test_teacher_progress_lines(assets, tmp_path):
+    args = ["teacher", "--task", "sst2", "--data", assets["data"], "--model", assets["teacher"], "--max-steps", "4",
+            "--batch-size", "8", "--device", "cpu", "--no-progress"]
+    result = invoke(*args, "--out", tmp_path / "a", "--log-every", "2")
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if "s/step" in line]
+    # 24 examples, batch 8: 3 steps an epoch, so step 4 is in the second epoch
+    assert [line.split(" loss")[0] for line in lines] == ["teacher sst2 step 2/4 (epoch 1)",
+                                                          "teacher sst2 step 4/4 (epoch 2)"]
+    assert lines[-1].endswith("0 s left")
+    quiet = invoke(*args, "--out", tmp_path / "b", "--log-every", "0")
+    assert quiet.exit_code == 0 and "s/step" not in quiet.output
+    assert_one_line_error(invoke(*args, "--out", tmp_path / "c", "--log-every", "-1"), "--log-every")
+
+
 def test_train_then_eval_and_run_the_checkpoint(assets, tmp_path):
     out = tmp_path / "student"
     result = invoke(*train_args(assets, out, "--stage", "finetune", "--eval-every", "1"))

@@ -199,6 +199,23 @@ def test_progress_lines_default_off_with_bars_and_zero_means_never(assets, tmp_p
         config(assets, tmp_path / "b", log_every=-1)
 
 
+def test_progress_log_keeps_paused_time_out_of_seconds_per_step(monkeypatch):
+    from spikingbert_sim import trainer as trainer_module
+
+    clock = iter([0.0, 5.0, 105.0, 112.0, 112.0])  # start; a 100 s pause from 5 s to 105 s; step 2 ends at 112 s
+    monkeypatch.setattr(trainer_module.time, "time", lambda: next(clock))
+    lines = []
+    log = trainer_module.ProgressLog(2, 6, lines.append, " in the stage")
+    log.step(1, 1.0, "s1")
+    log.pause()
+    log.resume()
+    log.step(2, 3.0, "s2")  # 12 s of steps over 2 steps, 4 steps left
+    assert lines == ["s2 loss 2.0000, 6.00 s/step, 24 s left in the stage"]
+    assert trainer_module.log_interval(None, bars=True) == 0
+    assert trainer_module.log_interval(None, bars=False) == trainer_module.DEFAULT_LOG_EVERY
+    assert trainer_module.log_interval(7, bars=True) == 7
+
+
 def test_duration_text():
     from spikingbert_sim.trainer import _duration
 
