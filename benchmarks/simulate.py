@@ -244,6 +244,9 @@ def main(argv=None) -> dict:
         result["fast_product_share"] = products_s / profiled_s
         result["fast_product_gflops"] = (lin + att) * seq_steps / products_s / 1e9
         result["speedup_bound_products_only"] = statistics.median(t_ref) / products_s
+        ref_products_s, ref_profiled_s = product_time_cpu(ref)
+        result["reference_product_s"] = ref_products_s
+        result["reference_product_share"] = ref_products_s / ref_profiled_s
         result["cpu_matmul_peak_gflops"] = cpu_matmul_peaks()
     if dev == "cuda":
         lin, att = flops_per_sequence_step(model, L)

@@ -21,6 +21,7 @@ def test_simulate_profile_reports_product_share_and_bound(capsys):
                   "--repeats", "1", "--threads", "1", "--profile"])
     assert r["spike_mismatch"] == 0 and r["logits_max_abs_diff"] == 0.0
     assert 0 < r["fast_product_s"] < r["fast_profiled_s"]
+    assert 0 < r["reference_product_share"] < 1
     assert r["fast_product_share"] == pytest.approx(r["fast_product_s"] / r["fast_profiled_s"])
     # if everything but the products were free, the speed-up could only grow
     assert r["speedup_bound_products_only"] > r["speedup"]
