@@ -236,8 +236,8 @@ def main(argv=None) -> dict:
             result.setdefault("fast_seq_steps_per_s_by_operand", {})[operand] = seq_steps / statistics.median(times)
         except Exception as exc:
             result.setdefault("fast_seq_steps_per_s_by_operand", {})[operand] = f"failed: {exc}"[:200]
+    lin, att = flops_per_sequence_step(model, L)
     if a.profile:
-        lin, att = flops_per_sequence_step(model, L)
         products_s, profiled_s = product_time_cpu(fast)
         result["fast_product_s"] = products_s
         result["fast_profiled_s"] = profiled_s
@@ -249,7 +249,6 @@ def main(argv=None) -> dict:
         result["reference_product_share"] = ref_products_s / ref_profiled_s
         result["cpu_matmul_peak_gflops"] = cpu_matmul_peaks()
     if dev == "cuda":
-        lin, att = flops_per_sequence_step(model, L)
         rate = (lin + att) * seq_steps / statistics.median(t_fast) / 1e12
         peaks = matmul_peaks(dev)
         from spikingbert_sim.engine import resolve_operand
