@@ -3,7 +3,8 @@
 #   bash examples/make_figures.sh            # figures only (Fig. 2a, Fig. 2b, rasters, accuracy vs T
 #                                            # from the committed results/sst2/*.json reports)
 #   SWEEP=1 bash examples/make_figures.sh    # also re-measure accuracy vs T on the SST-2 dev set
-#                                            # (one T=128 simulation per student; ~25 min on 2 CPU cores)
+#                                            # (one T=128 simulation and one adaptive run per student, the README's
+#                                            # results command; ~18 min each on 2 CPU cores)
 # FP=... Q=... choose other checkpoints for Fig. 2a/2b (Q is drawn in Fig. 2a); T=80 by default.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,7 +28,7 @@ reports=("${students[@]/#/results/sst2/sweep-}"); reports=("${reports[@]/%/.json
 if [ "${SWEEP:-0}" = 1 ]; then
   for name in "${students[@]}"; do
     spikesim eval --checkpoint "checkpoints/sst2-$name.pt" --task sst2 --data "$DATA" --timesteps 80 \
-        --sweep 1,2,4,8,12,16,24,32,48,64,80,96,128 --label "$name" --out "results/sst2/sweep-$name.json" >/dev/null
+        --sweep 1,2,4,8,12,16,24,32,48,64,80,96,128 --adaptive --label "$name" --out "results/sst2/sweep-$name.json" >/dev/null
   done
 fi
 if ls "${reports[@]}" >/dev/null 2>&1; then
