@@ -4,7 +4,7 @@
 #                                            # from the committed results/sst2/*.json reports)
 #   SWEEP=1 bash examples/make_figures.sh    # also re-measure accuracy vs T on the SST-2 dev set
 #                                            # (one T=128 simulation and one adaptive run per student, the README's
-#                                            # results command; ~18 min each on 2 CPU cores)
+#                                            # results command; 12-18 min each on 2 CPU cores)
 # FP=... Q=... choose other checkpoints for Fig. 2a/2b (Q is drawn in Fig. 2a); T=80 by default.
 set -euo pipefail
 cd "$(dirname "$0")/.."
