@@ -145,10 +145,13 @@ def _layer_map(ctx, param, value):
                    "[default: planned by the engine on CPU, 8 on CUDA].")
 @click.option("--surrogate", type=click.Choice(["atan", "fast_sigmoid"]), default="atan", show_default=True,
               help="BPTT surrogate gradient.")
+@click.option("--transfer", multiple=True, metavar="TASK",
+              help="Add this GLUE task's training inputs (its labels unused) to the kd and predict stages, "
+                   "whose targets come from the teacher; repeatable. Same input layout as --task.")
 def train(task, data_dir, epochs, max_steps, batch_size, seed, max_length, limit, eval_limit, warmup_ratio,
           weight_decay, device, progress, log_every, out, teacher_dir, weights, timesteps, stage, lr, init, layers,
           method, resume, eval_every, save_every, eval_timesteps, layer_map, attention_kd, temperature, max_grad_norm,
-          feedback, threshold, solver, solver_tol, solver_max_iter, time_chunk, surrogate):
+          feedback, threshold, solver, solver_tol, solver_max_iter, time_chunk, surrogate, transfer):
     """Distil a spiking student from a BERT teacher on a GLUE task (equilibrium gradients or BPTT)."""
     from .teacher import quiet_transformers
     from .trainer import TrainConfig
@@ -161,7 +164,7 @@ def train(task, data_dir, epochs, max_steps, batch_size, seed, max_length, limit
         layers=layers, method=method, layer_map=layer_map, attention_kd=attention_kd, temperature=temperature,
         max_length=max_length, limit=limit, warmup_ratio=warmup_ratio, weight_decay=weight_decay,
         max_grad_norm=max_grad_norm, feedback=feedback, threshold=threshold, solver=solver, solver_tol=solver_tol,
-        solver_max_iter=solver_max_iter, time_chunk=time_chunk, surrogate=surrogate, eval_every=eval_every,
+        solver_max_iter=solver_max_iter, time_chunk=time_chunk, surrogate=surrogate, transfer=transfer, eval_every=eval_every,
         save_every=save_every, eval_limit=eval_limit, eval_timesteps=eval_timesteps, log_every=log_every, device=device)
     result = run_training(config, resume=resume, progress=progress, command=_command_line())
     import os

@@ -188,6 +188,7 @@ class TrainConfig:
     solver_max_iter: int = 30
     time_chunk: int | None = None  # time steps simulated at once while measuring; None: planned
     surrogate: str = "atan"  # BPTT surrogate gradient
+    transfer: tuple[str, ...] = ()  # GLUE tasks whose training inputs (labels dropped) join kd and predict
     # run-only fields: may differ on --resume
     eval_every: int | None = None  # evaluate and save every N steps (default: every epoch and stage end)
     save_every: int | None = None  # also save last.pt every N steps
@@ -222,6 +223,9 @@ class TrainConfig:
             raise ConfigError(f"max_grad_norm must be >= 0, got {self.max_grad_norm!r}")
         if self.layer_map is not None:
             object.__setattr__(self, "layer_map", tuple(int(v) for v in self.layer_map))
+        object.__setattr__(self, "transfer", tuple(self.transfer))
+        if self.transfer:
+            _check_transfer(self.task, self.transfer)
         needs_teacher = self.init == "teacher" or any(s in ("kd", "predict") for s in self.stages)
         if needs_teacher and not self.teacher:
             raise ConfigError(f"stage {self.stage} with --init {self.init} needs a teacher (--teacher DIR)")
@@ -233,7 +237,25 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["layer_map"] = list(self.layer_map) if self.layer_map is not None else None
+        d["transfer"] = list(self.transfer)
         return d
+
+
+def _check_transfer(task: str, transfer: tuple[str, ...]) -> None:
+    """Transfer tasks must exist, differ from the task and each other, and have its input layout
+    (sentence pairs for a pair task, single sentences otherwise): the teacher labels their inputs."""
+    from .data import get_task
+
+    info = get_task(task)
+    seen = {info.name}
+    for name in transfer:
+        other = get_task(name)
+        if other.name in seen:
+            raise ConfigError(f"--transfer {name}: listed twice or the task itself")
+        if other.is_pair != info.is_pair:
+            kind = "sentence pairs" if info.is_pair else "single sentences"
+            raise ConfigError(f"--transfer {name}: task {info.name} takes {kind}, {other.name} does not")
+        seen.add(other.name)
 
 
 RUN_ONLY_FIELDS = frozenset({"out", "data_dir", "teacher", "eval_every", "save_every", "eval_limit",
@@ -492,8 +514,22 @@ class Trainer:
             raise DataError(f"task {self.info.name}: the dev split has no examples")
         self.data_hash = _split_hash(train)
         self.train_tensors = GlueDataset.from_split(train, self.tokenizer, c.max_length).tensors
+        # the transfer set: the task's inputs, then each transfer task's (the teacher supplies targets)
+        self.transfer_tensors = None
+        if c.transfer:
+            parts = [{k: v for k, v in self.train_tensors.items() if k != "labels"}]
+            h = hashlib.sha256(self.data_hash.encode())
+            for name in c.transfer:
+                extra = load_glue(name, "train", c.data_dir, limit=c.limit)
+                if len(extra) == 0:
+                    raise DataError(f"--transfer {name}: the training split has no examples")
+                h.update(_split_hash(extra).encode())
+                enc = GlueDataset.from_split(extra, self.tokenizer, c.max_length).tensors
+                parts.append({k: v for k, v in enc.items() if k != "labels"})
+            self.transfer_tensors = {k: torch.cat([part[k] for part in parts]) for k in parts[0]}
+            self.data_hash = h.hexdigest()
         self.dev_tensors = GlueDataset.from_split(dev, self.tokenizer, c.max_length).tensors
-        top = int(self.train_tensors["input_ids"].max())
+        top = max(int(t["input_ids"].max()) for t in (self.train_tensors, self.transfer_tensors) if t is not None)
         if top >= self.student.config.vocab_size:
             raise ConfigError(f"the tokenizer produces id {top} but the student's vocabulary has "
                               f"{self.student.config.vocab_size} entries")
@@ -623,6 +659,8 @@ class Trainer:
             self.distiller = Distiller(self.student.config.hidden_size, self.teacher.config.hidden_size,
                                        c.layers, n_teacher, self.layer_map, attention=self.attention_kd).to(self.device)
         fingerprint_config = {k: v for k, v in c.to_dict().items() if k not in RUN_ONLY_FIELDS}
+        if not c.transfer:  # runs saved before --transfer existed resume unchanged
+            del fingerprint_config["transfer"]
         fingerprint_config.update(world_size=self.dist.world_size, train_data_sha256=self.data_hash,
                                   teacher_sha256=self.teacher_id)
         self.fingerprint_config = fingerprint_config
@@ -673,6 +711,13 @@ class Trainer:
         atomic_write_text(path, "".join(l + "\n" for l in keep))
 
     # --- pieces of a step ------------------------------------------------------------------------
+
+    def stage_tensors(self, stage: str) -> dict[str, Tensor]:
+        """Training rows of ``stage``: the transfer set (task inputs + --transfer tasks' inputs) for
+        kd and predict, which need only the teacher; the task's labelled rows for finetune."""
+        if stage in ("kd", "predict") and self.transfer_tensors is not None:
+            return self.transfer_tensors
+        return self.train_tensors
 
     def _trainable(self, stage: str) -> list[nn.Parameter]:
         params = [p for p in self.student.parameters() if p.requires_grad]
@@ -779,9 +824,6 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             if p.global_step == 0 and not self.saved_training:
                 (self.out / METRICS_FILE).unlink(missing_ok=True)  # leftovers of a run killed before its first checkpoint
-        n = self.train_tensors["input_ids"].shape[0]
-        steps_per_epoch = len(batch_order(n, c.batch_size, c.seed, 0, d.rank, d.world_size))
-        total = total_steps(c.epochs, c.max_steps, steps_per_epoch)
         last_metrics: dict[str, float] = {}
         main = self.info.main_metric
         if p.done:
@@ -789,6 +831,10 @@ class Trainer:
         start_time = time.time()
         while not p.done:
             stage = c.stages[p.stage_index]
+            tensors = self.stage_tensors(stage)
+            n = tensors["input_ids"].shape[0]
+            steps_per_epoch = len(batch_order(n, c.batch_size, c.seed, 0, d.rank, d.world_size))
+            total = total_steps(c.epochs, c.max_steps, steps_per_epoch)
             optimizer, scheduler = self._optimizer(stage, total)
             saved = self.saved_training
             if saved is not None and saved.get("optimizer") is not None:
@@ -806,7 +852,7 @@ class Trainer:
                     order = (p.epoch, batch_order(n, c.batch_size, c.seed, p.epoch, d.rank, d.world_size))
                 batches = order[1]
                 idx = batches[p.position]
-                batch = trim_batch({k: v[idx] for k, v in self.train_tensors.items()}, self.device)
+                batch = trim_batch({k: v[idx] for k, v in tensors.items()}, self.device)
                 loss, extra = self._loss(stage, batch)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

@@ -218,6 +218,10 @@ def test_bad_options_are_usage_errors(assets, tmp_path):
     assert_one_line_error(invoke(*train_args(assets, tmp_path / "a", "--layer-map", "x,y")), "--layer-map", code=2)
     assert_one_line_error(invoke(*train_args(assets, tmp_path / "a", "--layer-map", "1,9")), "teacher hidden states 0..4")
     assert_one_line_error(invoke(*train_args(assets, tmp_path / "a", "--lr", "-1")), "lr must be a positive number")
+    assert_one_line_error(invoke(*train_args(assets, tmp_path / "a", "--transfer", "mrpc")),
+                          "--transfer mrpc", "single sentences")
+    assert_one_line_error(invoke(*train_args(assets, tmp_path / "a", "--transfer", "cola")), "no CoLA folder")
+    assert not (tmp_path / "a").exists()
     assert_one_line_error(invoke("train", "--task", "sst2", "--data", assets["data"], "--out", tmp_path / "b",
                                  "--stage", "kd", "--init", "random"), "needs a teacher")
     # A checkpoint for another task's head.

@@ -1,6 +1,7 @@
 """The training loop: stages, files, checkpoints loadable for simulation, learning, refusals, and a
 SIGKILL-and-resume run that reproduces the uninterrupted run bit for bit."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -239,3 +240,62 @@ def test_progress_seconds_per_step_leave_out_evaluation(assets, tmp_path, monkey
           progress=False, log=lines.append)
     per_step = [float(line.split(", ")[1].split(" s/step")[0]) for line in lines if "s/step" in line]
     assert len(per_step) == 2 and max(per_step) < 1.0  # a 1.5 s evaluation after every step is not counted
+
+
+def _write_cola(root: Path, n: int) -> None:
+    """``root/CoLA/{train,dev}.tsv``: no header; source, label, original label, sentence."""
+    import random as _random
+
+    from _train_helpers import sentence
+
+    rng = _random.Random(3)
+    (root / "CoLA").mkdir(parents=True, exist_ok=True)
+    for name in ("train.tsv", "dev.tsv"):
+        rows = [f"gj04\t{i % 2}\t\t{sentence(rng, i % 2)} zzcola" for i in range(n)]
+        (root / "CoLA" / name).write_text("\n".join(rows) + "\n", encoding="utf-8")
+
+
+def test_transfer_set_feeds_kd_and_predict_but_not_finetune(assets, tmp_path):
+    from spikingbert_sim.trainer import Trainer
+
+    data = write_sst2(tmp_path / "glue", n_train=48, n_dev=16)
+    _write_cola(data, 20)
+    # epoch-based budget: kd and predict take ceil((48 + 20) / 8) = 9 steps, finetune ceil(48 / 8) = 6
+    out = tmp_path / "run"
+    cfg = config(assets, out, data_dir=str(data), max_steps=None, epochs=1, transfer=("cola",), eval_every=100)
+    train(cfg, progress=False)
+    records = read_metrics(out)
+    assert [(r["stage"], r["stage_step"]) for r in records] == [("kd", 9), ("predict", 9), ("finetune", 6)]
+
+    trainer = Trainer(dataclasses.replace(cfg, out=str(tmp_path / "inspect")))
+    trainer.setup()
+    kd_rows = trainer.stage_tensors("kd")
+    assert trainer.stage_tensors("predict") is kd_rows and "labels" not in kd_rows
+    assert kd_rows["input_ids"].shape[0] == 68
+    assert torch.equal(kd_rows["input_ids"][:48], trainer.train_tensors["input_ids"])  # the task's own inputs first
+    unk = trainer.tokenizer.convert_tokens_to_ids("[UNK]")  # every CoLA line ends in an unknown word
+    assert bool((kd_rows["input_ids"][48:] == unk).any(dim=1).all())
+    assert not bool((kd_rows["input_ids"][:48] == unk).any())
+    assert trainer.stage_tensors("finetune")["input_ids"].shape[0] == 48
+
+    # another transfer set is another run; without --transfer the fingerprint is the old one
+    with pytest.raises(ConfigError, match="another configuration"):
+        train(config(assets, out, data_dir=str(data), max_steps=None, epochs=1, eval_every=100),
+              resume=True, progress=False)
+    plain = Trainer(config(assets, tmp_path / "plain", data_dir=str(data)))
+    plain.setup()
+    assert "transfer" not in plain.fingerprint_config and plain.transfer_tensors is None
+
+
+@pytest.mark.parametrize("task, transfer, message", [
+    ("sst2", ("stsb",), "takes single sentences, stsb does not"),
+    ("stsb", ("sst2",), "takes sentence pairs, sst2 does not"),
+    ("sst2", ("sst-2",), "listed twice or the task itself"),
+    ("stsb", ("rte", "RTE"), "listed twice"),
+    ("sst2", ("imdb",), "unknown task 'imdb'"),
+])
+def test_transfer_refusals(assets, tmp_path, task, transfer, message):
+    from spikingbert_sim.errors import DataError
+
+    with pytest.raises((ConfigError, DataError), match=message):
+        config(assets, tmp_path / "x", task=task, transfer=transfer)
