@@ -31,3 +31,18 @@ spikesim train "${common[@]}" --weights fp --stage predict --max-steps 575 --eva
 spikesim train --task mrpc --data "$G" --teacher "$TE" --batch-size 32 --seed 42 --lr 5e-5 --resume \
     --method equilibrium -T 16 --weights ternary --stage predict --max-steps 60 --eval-every 1000000 --eval-timesteps 80 \
     --init "$R/mrpc/ternary-pred/last.pt" --out "$R/mrpc/ternary-eq"
+# 6. the transfer set: STS-B's and RTE's training pairs (labels unused) join MRPC's in the kd and predict
+#    stages, 11,907 pairs, 372 steps an epoch (~3.5 s per step here, two jobs side by side)
+tr=(--transfer stsb --transfer rte)
+spikesim train "${common[@]}" "${tr[@]}" --weights fp --stage kd --max-steps 372 "${kd_eval[@]}" --out "$R/mrpc/fp-t-kd"
+spikesim train "${common[@]}" "${tr[@]}" --weights fp --stage predict --max-steps 558 --eval-every 186 --eval-timesteps 80 \
+    --init "$R/mrpc/fp-t-kd/last.pt" --out "$R/mrpc/fp-t-pred"
+for w in ternary binary; do
+  spikesim train "${common[@]}" "${tr[@]}" --weights $w --stage kd --max-steps 186 "${kd_eval[@]}" \
+      --init "$R/mrpc/fp-t-pred/best.pt" --out "$R/mrpc/$w-t-kd"
+  spikesim train "${common[@]}" "${tr[@]}" --weights $w --stage predict --max-steps 279 --eval-every 93 --eval-timesteps 80 \
+      --init "$R/mrpc/$w-t-kd/last.pt" --out "$R/mrpc/$w-t-pred"
+done
+# 7. ablation with the transfer set: no intermediate KD, soft-label stage alone from the teacher's layers
+spikesim train "${common[@]}" "${tr[@]}" --weights fp --stage predict --max-steps 744 --eval-every 186 --eval-timesteps 80 \
+    --out "$R/mrpc/nokd-t-pred"
