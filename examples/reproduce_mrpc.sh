@@ -46,3 +46,18 @@ done
 # 7. ablation with the transfer set: no intermediate KD, soft-label stage alone from the teacher's layers
 spikesim train "${common[@]}" "${tr[@]}" --weights fp --stage predict --max-steps 744 --eval-every 186 --eval-timesteps 80 \
     --out "$R/mrpc/nokd-t-pred"
+# 8. longer: the fp transfer-set student's soft-label stage continued for 558 more steps at lr 5e-5, the
+#    1.58-bit and 1-bit students redone from its best checkpoint; and a 1.58-bit student with twice the
+#    intermediate KD (372 steps) from fp-t-pred/best.pt
+spikesim train "${common[@]}" "${tr[@]}" --lr 5e-5 --weights fp --stage predict --max-steps 558 --eval-every 186 --eval-timesteps 80 \
+    --init "$R/mrpc/fp-t-pred/last.pt" --out "$R/mrpc/fp-t2-pred"
+for w in ternary binary; do
+  spikesim train "${common[@]}" "${tr[@]}" --weights $w --stage kd --max-steps 186 "${kd_eval[@]}" \
+      --init "$R/mrpc/fp-t2-pred/best.pt" --out "$R/mrpc/$w-t2-kd"
+  spikesim train "${common[@]}" "${tr[@]}" --weights $w --stage predict --max-steps 279 --eval-every 93 --eval-timesteps 80 \
+      --init "$R/mrpc/$w-t2-kd/last.pt" --out "$R/mrpc/$w-t2-pred"
+done
+spikesim train "${common[@]}" "${tr[@]}" --weights ternary --stage kd --max-steps 372 "${kd_eval[@]}" \
+    --init "$R/mrpc/fp-t-pred/best.pt" --out "$R/mrpc/ternary-t3-kd"
+spikesim train "${common[@]}" "${tr[@]}" --weights ternary --stage predict --max-steps 279 --eval-every 93 --eval-timesteps 80 \
+    --init "$R/mrpc/ternary-t3-kd/last.pt" --out "$R/mrpc/ternary-t3-pred"
