@@ -13,17 +13,20 @@ TE=$R/teachers/mrpc
   spikesim teacher --task mrpc --data "$G" --epochs 5 --lr 5e-5 --batch-size 16 --seed 42 --out "$TE"
 common=(--task mrpc --data "$G" --teacher "$TE" --batch-size 32 --seed 42 --lr 1e-4 --method steady_state --resume)
 kd_eval=(--eval-every 1000000 --eval-timesteps 8 --eval-limit 64)   # the kd stage's classifier is untrained
+# a quantized student from INIT: intermediate KD, then soft-label KD evaluated at T = 80 every EVERY steps
+quantize() {  # WEIGHTS INIT NAME KD_STEPS PREDICT_STEPS EVERY [more train options]
+  local w=$1 init=$2 name=$3 kd=$4 predict=$5 every=$6; shift 6
+  spikesim train "${common[@]}" "$@" --weights $w --stage kd --max-steps $kd "${kd_eval[@]}" \
+      --init "$init" --out "$R/mrpc/$name-kd"
+  spikesim train "${common[@]}" "$@" --weights $w --stage predict --max-steps $predict --eval-every $every --eval-timesteps 80 \
+      --init "$R/mrpc/$name-kd/last.pt" --out "$R/mrpc/$name-pred"
+}
 # 2. full-precision student from the teacher's layers: intermediate KD (3 epochs), soft-label KD (5 epochs)
 spikesim train "${common[@]}" --weights fp --stage kd --max-steps 345 "${kd_eval[@]}" --out "$R/mrpc/fp-kd"
 spikesim train "${common[@]}" --weights fp --stage predict --max-steps 575 --eval-every 1000000 --eval-timesteps 80 \
     --init "$R/mrpc/fp-kd/last.pt" --out "$R/mrpc/fp-pred"
 # 3. 1.58-bit and 1-bit students from the full-precision student: intermediate KD (2 epochs), soft-label KD (2 epochs)
-for w in ternary binary; do
-  spikesim train "${common[@]}" --weights $w --stage kd --max-steps 230 "${kd_eval[@]}" \
-      --init "$R/mrpc/fp-pred/last.pt" --out "$R/mrpc/$w-kd"
-  spikesim train "${common[@]}" --weights $w --stage predict --max-steps 230 --eval-every 115 --eval-timesteps 80 \
-      --init "$R/mrpc/$w-kd/last.pt" --out "$R/mrpc/$w-pred"
-done
+for w in ternary binary; do quantize $w "$R/mrpc/fp-pred/last.pt" $w 230 230 115; done
 # 4. ablation without intermediate KD: the full-precision student's soft-label stage alone, from the teacher's layers
 spikesim train "${common[@]}" --weights fp --stage predict --max-steps 575 --eval-every 115 --eval-timesteps 80 \
     --out "$R/mrpc/nokd-fp-pred"
@@ -37,12 +40,7 @@ tr=(--transfer stsb --transfer rte)
 spikesim train "${common[@]}" "${tr[@]}" --weights fp --stage kd --max-steps 372 "${kd_eval[@]}" --out "$R/mrpc/fp-t-kd"
 spikesim train "${common[@]}" "${tr[@]}" --weights fp --stage predict --max-steps 558 --eval-every 186 --eval-timesteps 80 \
     --init "$R/mrpc/fp-t-kd/last.pt" --out "$R/mrpc/fp-t-pred"
-for w in ternary binary; do
-  spikesim train "${common[@]}" "${tr[@]}" --weights $w --stage kd --max-steps 186 "${kd_eval[@]}" \
-      --init "$R/mrpc/fp-t-pred/best.pt" --out "$R/mrpc/$w-t-kd"
-  spikesim train "${common[@]}" "${tr[@]}" --weights $w --stage predict --max-steps 279 --eval-every 93 --eval-timesteps 80 \
-      --init "$R/mrpc/$w-t-kd/last.pt" --out "$R/mrpc/$w-t-pred"
-done
+for w in ternary binary; do quantize $w "$R/mrpc/fp-t-pred/best.pt" $w-t 186 279 93 "${tr[@]}"; done
 # 7. ablation with the transfer set: no intermediate KD, soft-label stage alone from the teacher's layers
 spikesim train "${common[@]}" "${tr[@]}" --weights fp --stage predict --max-steps 744 --eval-every 186 --eval-timesteps 80 \
     --out "$R/mrpc/nokd-t-pred"
@@ -51,13 +49,5 @@ spikesim train "${common[@]}" "${tr[@]}" --weights fp --stage predict --max-step
 #    intermediate KD (372 steps) from fp-t-pred/best.pt
 spikesim train "${common[@]}" "${tr[@]}" --lr 5e-5 --weights fp --stage predict --max-steps 558 --eval-every 186 --eval-timesteps 80 \
     --init "$R/mrpc/fp-t-pred/last.pt" --out "$R/mrpc/fp-t2-pred"
-for w in ternary binary; do
-  spikesim train "${common[@]}" "${tr[@]}" --weights $w --stage kd --max-steps 186 "${kd_eval[@]}" \
-      --init "$R/mrpc/fp-t2-pred/best.pt" --out "$R/mrpc/$w-t2-kd"
-  spikesim train "${common[@]}" "${tr[@]}" --weights $w --stage predict --max-steps 279 --eval-every 93 --eval-timesteps 80 \
-      --init "$R/mrpc/$w-t2-kd/last.pt" --out "$R/mrpc/$w-t2-pred"
-done
-spikesim train "${common[@]}" "${tr[@]}" --weights ternary --stage kd --max-steps 372 "${kd_eval[@]}" \
-    --init "$R/mrpc/fp-t-pred/best.pt" --out "$R/mrpc/ternary-t3-kd"
-spikesim train "${common[@]}" "${tr[@]}" --weights ternary --stage predict --max-steps 279 --eval-every 93 --eval-timesteps 80 \
-    --init "$R/mrpc/ternary-t3-kd/last.pt" --out "$R/mrpc/ternary-t3-pred"
+for w in ternary binary; do quantize $w "$R/mrpc/fp-t2-pred/best.pt" $w-t2 186 279 93 "${tr[@]}"; done
+quantize ternary "$R/mrpc/fp-t-pred/best.pt" ternary-t3 372 279 93 "${tr[@]}"
