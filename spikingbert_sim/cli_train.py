@@ -316,3 +316,22 @@ def evaluate(checkpoint, task, data_dir, split, timesteps, sweep, adaptive, adap
         a = report["adaptive"]
         click.echo(f"  adaptive (at most T={timesteps}): {fmt(a['metrics'])}; mean {a['mean_timesteps']:.1f} "
                    f"time steps, {100 * a['stopped_early_fraction']:.1f} % stopped early")
+
+
+@_command
+@click.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path())
+@click.option("--metric", default=None,
+              help="Dev metric to summarize [default: accuracy where the task has it, else its first metric].")
+@click.option("--stage", default=None, help="Only evaluations of this stage (kd, predict, finetune).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON (metrics as fractions).")
+def summary(runs, metric, stage, as_json):
+    """Best-dev and last-checkpoint metrics of training runs (folders of `spikesim train --out`),
+    and their mean, sample standard deviation, minimum and maximum over the runs (e.g. seeds)."""
+    from .runs import format_summary, summarize_runs
+
+    result = summarize_runs(list(runs), metric=metric, stage=stage)
+    if as_json:
+        echo_json(result.to_dict())
+    else:
+        click.echo(format_summary(result))

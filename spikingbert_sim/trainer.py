@@ -52,11 +52,12 @@ from .equilibrium import METHODS, SURROGATES, student_forward
 from .errors import CheckpointError, ConfigError, DataError
 from .evaluation import evaluate_student, trim_batch
 from .model import SpikingBertForSequenceClassification
+from .runs import METRICS_FILE
 from .solvers import SOLVERS
 
 STAGE_CHOICES = STAGES + ("all",)
 INIT_CHOICES = ("teacher", "random")
-METRICS_FILE, LAST, BEST = "metrics.jsonl", "last.pt", "best.pt"
+LAST, BEST = "last.pt", "best.pt"
 DEFAULT_LOG_EVERY = 50
 """Steps between progress lines when no progress bar is shown (stderr not a terminal)."""
 STATE_VERSION = 1

@@ -103,6 +103,11 @@ def test_train_then_eval_and_run_the_checkpoint(assets, tmp_path):
     assert scored.exit_code == 0, scored.output
     report = json.loads(scored.output[scored.output.index("{"):])
     assert report["metrics"] == best["dev"] and report["examples"] == 8 and report["split"] == "validation"
+    summed = invoke("summary", out, "--json")  # reads the metrics file the trainer wrote
+    assert summed.exit_code == 0, summed.output
+    run = json.loads(summed.output)["runs"][0]
+    assert run["best_checkpoint_step"] == best["step"] and run["evaluations"] == len(records)
+    assert run["last"] == records[-1]["dev"]["accuracy"] and run["last_step"] == records[-1]["step"]
     limited = invoke("eval", "-c", out / "last.pt", "--task", "sst2", "--data", assets["data"], "-T", "4",
                      "--limit", "3", "--split", "train")
     assert limited.exit_code == 0 and "sst2 train (3 examples, T=4" in limited.output
