@@ -51,3 +51,9 @@ spikesim train "${common[@]}" "${tr[@]}" --lr 5e-5 --weights fp --stage predict 
     --init "$R/mrpc/fp-t-pred/last.pt" --out "$R/mrpc/fp-t2-pred"
 for w in ternary binary; do quantize $w "$R/mrpc/fp-t2-pred/best.pt" $w-t2 186 279 93 "${tr[@]}"; done
 quantize ternary "$R/mrpc/fp-t-pred/best.pt" ternary-t3 372 279 93 "${tr[@]}"
+# 9. seeds: the step-6 quantized students again with seeds 43 and 44 (data order of both stages; the same
+#    fp-t-pred/best.pt start), then their spread with seed 42's runs
+for s in 43 44; do for w in ternary binary; do
+  quantize $w "$R/mrpc/fp-t-pred/best.pt" $w-t-s$s 186 279 93 "${tr[@]}" --seed $s
+done; done
+for w in ternary binary; do spikesim summary "$R/mrpc/$w-t-pred" "$R/mrpc/$w-t-s43-pred" "$R/mrpc/$w-t-s44-pred"; done

@@ -148,10 +148,14 @@ def _layer_map(ctx, param, value):
 @click.option("--transfer", multiple=True, metavar="TASK",
               help="Add this GLUE task's training inputs (its labels unused) to the kd and predict stages, "
                    "whose targets come from the teacher; repeatable. Same input layout as --task.")
+@click.option("--transfer-file", "transfer_files", multiple=True, metavar="TSV", type=click.Path(dir_okay=False),
+              help="Add the inputs of this TSV file (`spikesim augment` output: a sentence column, or sentence1 "
+                   "and sentence2) to the kd and predict stages, like --transfer; repeatable.")
 def train(task, data_dir, epochs, max_steps, batch_size, seed, max_length, limit, eval_limit, warmup_ratio,
           weight_decay, device, progress, log_every, out, teacher_dir, weights, timesteps, stage, lr, init, layers,
           method, resume, eval_every, save_every, eval_timesteps, layer_map, attention_kd, temperature, max_grad_norm,
-          feedback, threshold, solver, solver_tol, solver_max_iter, time_chunk, surrogate, transfer):
+          feedback, threshold, solver, solver_tol, solver_max_iter, time_chunk, surrogate, transfer,
+          transfer_files):
     """Distil a spiking student from a BERT teacher on a GLUE task (equilibrium gradients or BPTT)."""
     from .teacher import quiet_transformers
     from .trainer import TrainConfig
@@ -164,7 +168,8 @@ def train(task, data_dir, epochs, max_steps, batch_size, seed, max_length, limit
         layers=layers, method=method, layer_map=layer_map, attention_kd=attention_kd, temperature=temperature,
         max_length=max_length, limit=limit, warmup_ratio=warmup_ratio, weight_decay=weight_decay,
         max_grad_norm=max_grad_norm, feedback=feedback, threshold=threshold, solver=solver, solver_tol=solver_tol,
-        solver_max_iter=solver_max_iter, time_chunk=time_chunk, surrogate=surrogate, transfer=transfer, eval_every=eval_every,
+        solver_max_iter=solver_max_iter, time_chunk=time_chunk, surrogate=surrogate, transfer=transfer,
+        transfer_files=transfer_files, eval_every=eval_every,
         save_every=save_every, eval_limit=eval_limit, eval_timesteps=eval_timesteps, log_every=log_every, device=device)
     result = run_training(config, resume=resume, progress=progress, command=_command_line())
     import os
@@ -335,3 +340,46 @@ def summary(runs, metric, stage, as_json):
         echo_json(result.to_dict())
     else:
         click.echo(format_summary(result))
+
+
+@_command
+@click.command()
+@click.option("--task", required=True, help="GLUE task whose inputs to augment.")
+@click.option("--data", "data_dir", type=click.Path(file_okay=False),
+              help="GLUE data folder (classic TSV layout); omit to use the datasets hub.")
+@click.option("--split", default="train", show_default=True, help="Split to augment.")
+@click.option("--limit", type=int, default=None, callback=positive_int, help="Augment the first N examples.")
+@click.option("--copies", type=int, default=20, show_default=True, callback=positive_int,
+              help="Augmented copies per example (TinyBERT: 20); copies equal to their source are dropped.")
+@click.option("--prob", type=click.FloatRange(0, 1, min_open=True), default=0.4, show_default=True,
+              help="Chance that each whole word of a copy is replaced.")
+@click.option("--neighbours", type=int, default=15, show_default=True, callback=positive_int,
+              help="Substitutes per word: its nearest vocabulary words by input-embedding cosine similarity.")
+@click.option("--model", default=None,
+              help="BERT folder or hub name whose tokenizer and word embeddings are used [default: the offline "
+                   "MiniLM]; a teacher folder works.")
+@click.option("--seed", type=int, default=42, show_default=True, help="Seed of the replacements.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="TSV file to write (atomically).")
+@click.option("--force", is_flag=True, help="Overwrite an existing --out file.")
+def augment(task, data_dir, split, limit, copies, prob, neighbours, model, seed, out, force):
+    """Write augmented copies of a task's inputs (TinyBERT-style word replacement) for
+    `spikesim train --transfer-file`: the teacher labels them in the kd and predict stages."""
+    from .augment import AugmentOptions, augment_split, write_inputs_tsv
+    from .data import get_task, load_glue
+    from .errors import ConfigError
+    from .hf import load_bert, load_tokenizer
+    from .teacher import quiet_transformers
+
+    if Path(out).exists() and not force:
+        raise ConfigError(f"{out} exists (add --force to overwrite it)")
+    options = AugmentOptions(copies=copies, prob=prob, neighbours=neighbours, seed=seed)
+    info = get_task(task)
+    source = load_glue(info.name, split, data_dir, limit=limit)
+    if len(source) == 0:
+        raise ConfigError(f"task {info.name} split {split} has no examples")
+    quiet_transformers()
+    tokenizer = load_tokenizer(model)
+    embeddings = load_bert(model).get_input_embeddings().weight.detach()
+    written = write_inputs_tsv(out, augment_split(source, tokenizer, embeddings, options), info.is_pair)
+    click.echo(f"{out}: {written} augmented inputs from {len(source)} {info.name} {source.split} examples "
+               f"({copies} copies each, p={prob}, {neighbours} neighbours, seed {seed})")

@@ -194,7 +194,7 @@ def _find_task_dir(info: TaskInfo, data_dir: Path, file_name: str) -> Path:
     raise DataError(f"no {info.folder} folder for task {info.name} in {data_dir}")
 
 
-def _rows(path: Path) -> Iterator[tuple[int, list[str]]]:
+def read_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
     """``(line number, fields)`` of each row, with quoting disabled: GLUE sentences may begin with
     a bare double quote, which the default dialect would take as the start of a multi-line field."""
     try:
@@ -221,7 +221,7 @@ def _column_index(path: Path, header: list[str], column: str) -> int:
 def _read_tsv(info: TaskInfo, path: Path, split: str, limit: int | None) -> GlueSplit:
     """Parse one classic GLUE TSV file, checking every row it reads."""
     fmt = _TSV_FORMATS[info.name]
-    rows = _rows(path)
+    rows = read_rows(path)
     if fmt.num_columns is None:
         first = next(rows, None)
         if first is None:

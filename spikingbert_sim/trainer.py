@@ -190,6 +190,7 @@ class TrainConfig:
     time_chunk: int | None = None  # time steps simulated at once while measuring; None: planned
     surrogate: str = "atan"  # BPTT surrogate gradient
     transfer: tuple[str, ...] = ()  # GLUE tasks whose training inputs (labels dropped) join kd and predict
+    transfer_files: tuple[str, ...] = ()  # inputs files (`spikesim augment`) joining kd and predict; by content
     # run-only fields: may differ on --resume
     eval_every: int | None = None  # evaluate and save every N steps (default: every epoch and stage end)
     save_every: int | None = None  # also save last.pt every N steps
@@ -225,6 +226,9 @@ class TrainConfig:
         if self.layer_map is not None:
             object.__setattr__(self, "layer_map", tuple(int(v) for v in self.layer_map))
         object.__setattr__(self, "transfer", tuple(self.transfer))
+        object.__setattr__(self, "transfer_files", tuple(str(p) for p in self.transfer_files))
+        if len(set(self.transfer_files)) != len(self.transfer_files):
+            raise ConfigError("--transfer-file: a file is listed twice")
         if self.transfer:
             _check_transfer(self.task, self.transfer)
         needs_teacher = self.init == "teacher" or any(s in ("kd", "predict") for s in self.stages)
@@ -239,6 +243,7 @@ class TrainConfig:
         d = dataclasses.asdict(self)
         d["layer_map"] = list(self.layer_map) if self.layer_map is not None else None
         d["transfer"] = list(self.transfer)
+        d["transfer_files"] = list(self.transfer_files)
         return d
 
 
@@ -259,8 +264,8 @@ def _check_transfer(task: str, transfer: tuple[str, ...]) -> None:
         seen.add(other.name)
 
 
-RUN_ONLY_FIELDS = frozenset({"out", "data_dir", "teacher", "eval_every", "save_every", "eval_limit",
-                             "eval_timesteps", "log_every", "device"})
+RUN_ONLY_FIELDS = frozenset({"out", "data_dir", "teacher", "transfer_files", "eval_every", "save_every",
+                             "eval_limit", "eval_timesteps", "log_every", "device"})
 """Fields that do not change the trained weights (the data and teacher are identified by content)."""
 
 
@@ -517,13 +522,19 @@ class Trainer:
         self.train_tensors = GlueDataset.from_split(train, self.tokenizer, c.max_length).tensors
         # the transfer set: the task's inputs, then each transfer task's (the teacher supplies targets)
         self.transfer_tensors = None
-        if c.transfer:
+        if c.transfer or c.transfer_files:
+            from .augment import read_inputs_tsv
+
             parts = [{k: v for k, v in self.train_tensors.items() if k != "labels"}]
             h = hashlib.sha256(self.data_hash.encode())
+            extras = []
             for name in c.transfer:
                 extra = load_glue(name, "train", c.data_dir, limit=c.limit)
                 if len(extra) == 0:
                     raise DataError(f"--transfer {name}: the training split has no examples")
+                extras.append(extra)
+            extras += [read_inputs_tsv(path, self.info.name, c.limit) for path in c.transfer_files]  # identified by content
+            for extra in extras:
                 h.update(_split_hash(extra).encode())
                 enc = GlueDataset.from_split(extra, self.tokenizer, c.max_length).tensors
                 parts.append({k: v for k, v in enc.items() if k != "labels"})
