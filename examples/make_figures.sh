@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Regenerate figures/ from the shipped SST-2 students:
 #   bash examples/make_figures.sh            # figures only (Fig. 2a, Fig. 2b, rasters, accuracy vs T
-#                                            # from the committed results/sst2/*.json reports)
+#                                            # from the committed results/{sst2,mrpc}/sweep-*.json reports)
 #   SWEEP=1 bash examples/make_figures.sh    # also re-measure accuracy vs T on the SST-2 dev set
 #                                            # (one T=128 simulation and one adaptive run per student, the README's
 #                                            # results command; 12-18 min each on 2 CPU cores)
@@ -34,5 +34,11 @@ fi
 if ls "${reports[@]}" >/dev/null 2>&1; then
   spikesim plot "${reports[@]}" --out "$work/sweep" >/dev/null
   cp "$work/sweep/accuracy_vs_timesteps.png" figures/accuracy_vs_timesteps.png
+fi
+# MRPC accuracy vs T of the transfer-set students (reports made by examples/reproduce_mrpc.sh's students and
+# the eval command in the README's MRPC section), in accuracy: its main metric averages accuracy and F1
+mrpc=(results/mrpc/sweep-fp-t.json results/mrpc/sweep-1.58bit-t.json results/mrpc/sweep-1bit-t.json)
+if ls "${mrpc[@]}" >/dev/null 2>&1; then
+  spikesim plot "${mrpc[@]}" --metric accuracy --out figures/mrpc >/dev/null
 fi
 echo "figures written to figures/ (work files in $work)"

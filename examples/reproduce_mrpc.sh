@@ -57,3 +57,11 @@ for s in 43 44; do for w in ternary binary; do
   quantize $w "$R/mrpc/fp-t-pred/best.pt" $w-t-s$s 186 279 93 "${tr[@]}" --seed $s
 done; done
 for w in ternary binary; do spikesim summary "$R/mrpc/$w-t-pred" "$R/mrpc/$w-t-s43-pred" "$R/mrpc/$w-t-s44-pred"; done
+# 10. the augmented set: 8 TinyBERT-style copies of every MRPC pair (29,341) beside STS-B and RTE
+#     (41,248 pairs in all); the fp student with step 6's budget, then 1.58-bit and 1-bit students from it
+spikesim augment --task mrpc --data "$G" --copies 8 --seed 42 --out "$R/aug/mrpc-8.tsv" --force
+aug=(--transfer-file "$R/aug/mrpc-8.tsv")
+spikesim train "${common[@]}" "${tr[@]}" "${aug[@]}" --weights fp --stage kd --max-steps 372 "${kd_eval[@]}" --out "$R/mrpc/fp-a-kd"
+spikesim train "${common[@]}" "${tr[@]}" "${aug[@]}" --weights fp --stage predict --max-steps 558 --eval-every 186 \
+    --eval-timesteps 80 --init "$R/mrpc/fp-a-kd/last.pt" --out "$R/mrpc/fp-a-pred"
+for w in ternary binary; do quantize $w "$R/mrpc/fp-a-pred/best.pt" $w-a 186 279 93 "${tr[@]}" "${aug[@]}"; done

@@ -324,10 +324,12 @@ def compare(checkpoints, timesteps, texts, task, data, split, limit, engine, bat
 @click.command()
 @click.argument("traces", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--out", type=click.Path(file_okay=False), default=".", show_default=True, help="Folder for the figures.")
-def plot(traces, out):
+@click.option("--metric", default=None,
+              help="Eval reports: the metric to draw [default: the task's main metric, e.g. combined for MRPC].")
+def plot(traces, out, metric):
     """Redraw figures from saved traces.npz files (one file: Fig. 2a and rasters; two or more: also
     Fig. 2b), or draw accuracy against time steps from `spikesim eval --sweep ... --out FILE.json`
-    reports (one curve each)."""
+    reports (one curve each; a star at the mean time steps of adaptive stopping where scored)."""
     import matplotlib.pyplot as plt
 
     from .plotting import plot_output_comparison, save_figure
@@ -338,7 +340,7 @@ def plot(traces, out):
     if reports:
         if len(reports) != len(traces):
             raise click.UsageError("give either traces.npz files or eval reports (.json), not both")
-        click.echo(str(_plot_sweeps(reports, out / "accuracy_vs_timesteps.png")))
+        click.echo(str(_plot_sweeps(reports, out / "accuracy_vs_timesteps.png", metric)))
         return
     loaded = [load_traces(t) for t in traces]
     written = []
@@ -358,11 +360,11 @@ def plot(traces, out):
         click.echo(str(w))
 
 
-def _plot_sweeps(paths: list[str], target: Path) -> Path:
+def _plot_sweeps(paths: list[str], target: Path, metric: str | None = None) -> Path:
     import matplotlib.pyplot as plt
 
     from .errors import DataError
-    from .evaluation import curves_from_reports
+    from .evaluation import adaptive_points_from_reports, curves_from_reports
     from .plotting import plot_accuracy_vs_timesteps, save_figure
 
     reports = []
@@ -373,10 +375,11 @@ def _plot_sweeps(paths: list[str], target: Path) -> Path:
             raise DataError(f"{path}: no such file") from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise DataError(f"{path}: not a JSON report ({exc})") from None
-    curves, metric = curves_from_reports(reports)
+    curves, metric = curves_from_reports(reports, metric)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     task = reports[0].get("task", "")
-    plot_accuracy_vs_timesteps(ax, curves, metric=metric, title=f"{task} dev {metric} vs time steps".strip())
+    plot_accuracy_vs_timesteps(ax, curves, metric=metric, title=f"{task} dev {metric} vs time steps".strip(),
+                               adaptive=adaptive_points_from_reports(reports, metric))
     return save_figure(fig, target)
 
 

@@ -193,3 +193,16 @@ def curves_from_reports(reports: Sequence[dict], metric: str | None = None
         curves[label] = ([int(p["timesteps"]) for p in sweep], [float(p["metrics"][name]) for p in sweep])
         metric = name
     return curves, metric or "accuracy"
+
+
+def adaptive_points_from_reports(reports: Sequence[dict], metric: str) -> dict[str, tuple[float, float]]:
+    """``{label: (mean time steps, metric)}`` of the reports that scored adaptive stopping
+    (``spikesim eval --adaptive``), labelled as :func:`curves_from_reports` labels them."""
+    points = {}
+    for i, rep in enumerate(reports):
+        adaptive = rep.get("adaptive") if isinstance(rep, dict) else None
+        if not adaptive or metric not in adaptive.get("metrics", {}):
+            continue
+        label = rep.get("label") or f"{rep.get('weight_mode', '?')} ({rep.get('checkpoint', i + 1)})"
+        points[label] = (float(adaptive["mean_timesteps"]), float(adaptive["metrics"][metric]))
+    return points

@@ -99,10 +99,15 @@ def plot_raster(ax, raster, title: str | None = None, neuron_labels: Sequence[in
 
 
 def plot_accuracy_vs_timesteps(ax, curves: Mapping[str, tuple[Sequence[int], Sequence[float]]],
-                               metric: str = "accuracy", title: str | None = "Accuracy vs time steps"):
-    """Metric against T for several models: label -> (timesteps, values)."""
+                               metric: str = "accuracy", title: str | None = "Accuracy vs time steps",
+                               adaptive: Mapping[str, tuple[float, float]] | None = None):
+    """Metric against T for several models: label -> (timesteps, values). ``adaptive``: label ->
+    (mean time steps, metric) of adaptive stopping, drawn as a star in the curve's colour."""
     for label, (ts, values) in curves.items():
-        ax.plot(list(ts), list(values), marker="o", ms=3, label=label)
+        (line,) = ax.plot(list(ts), list(values), marker="o", ms=3, label=label)
+        if adaptive and label in adaptive:
+            t, v = adaptive[label]
+            ax.plot([t], [v], marker="*", ms=11, ls="none", color=line.get_color(), label=f"{label}, adaptive")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("time steps T")
     ax.set_ylabel(metric)

@@ -134,6 +134,8 @@ def test_train_then_eval_and_run_the_checkpoint(assets, tmp_path):
     drawn = invoke("plot", report_file, report_file, "--out", tmp_path / "figs")
     assert drawn.exit_code == 0, drawn.output
     assert (tmp_path / "figs" / "accuracy_vs_timesteps.png").stat().st_size > 1000
+    assert invoke("plot", report_file, "--metric", "accuracy", "--out", tmp_path / "figs").exit_code == 0
+    assert_one_line_error(invoke("plot", report_file, "--metric", "f1"), "no metric 'f1'")
     assert_one_line_error(invoke("eval", "-c", out / "best.pt", "--task", "sst2", "--data", assets["data"],
                                  "--sweep", "0,4"), "--sweep", code=2)
     assert_one_line_error(invoke("eval", "-c", out / "best.pt", "--task", "sst2", "--data", assets["data"],

@@ -81,6 +81,15 @@ def test_accuracy_vs_timesteps(ax):
     assert list(ax.lines[1].get_xdata()) == [4, 8, 16]
 
 
+def test_accuracy_vs_timesteps_marks_adaptive_stopping_in_the_curve_colour(ax):
+    curves = {"fp": ([4, 8, 16], [0.5, 0.7, 0.8]), "binary": ([4, 8, 16], [0.5, 0.6, 0.75])}
+    plot_accuracy_vs_timesteps(ax, curves, adaptive={"binary": (11.5, 0.74), "other": (3.0, 0.1)})
+    assert len(ax.lines) == 3  # two curves and one star (no curve is labelled "other")
+    star = ax.lines[2]
+    assert star.get_marker() == "*" and list(star.get_xdata()) == [11.5] and list(star.get_ydata()) == [0.74]
+    assert star.get_color() == ax.lines[1].get_color() and star.get_label() == "binary, adaptive"
+
+
 def test_save_figure_writes_png_and_closes(tmp_path):
     fig, ax = plt.subplots()
     plot_output_comparison(ax, {"a": [0.0, 1.0]})
@@ -107,3 +116,15 @@ def test_save_figure_failure_keeps_existing_file(tmp_path, monkeypatch):
     assert target.read_bytes() == b"old figure"
     assert [p.name for p in tmp_path.iterdir()] == ["fig.png"]
     assert fig.number not in plt.get_fignums()
+
+
+def test_adaptive_points_from_reports_take_the_sweep_labels():
+    from spikingbert_sim.evaluation import adaptive_points_from_reports, curves_from_reports
+
+    sweep = [{"timesteps": 8, "metrics": {"accuracy": 0.6, "f1": 0.5}}]
+    reports = [{"label": "fp", "sweep": sweep, "adaptive": {"mean_timesteps": 5.25, "metrics": {"accuracy": 0.55}}},
+               {"weight_mode": "ternary", "checkpoint": "t.pt", "sweep": sweep}]
+    curves, metric = curves_from_reports(reports, "accuracy")
+    points = adaptive_points_from_reports(reports, metric)
+    assert points == {"fp": (5.25, 0.55)} and set(points) <= set(curves)
+    assert adaptive_points_from_reports(reports, "f1") == {}  # adaptive scored no f1
