@@ -63,8 +63,8 @@ class NeighbourTable:
     def __init__(self, embeddings: Tensor, vocabulary: dict[str, int], k: int):
         if embeddings.dim() != 2:
             raise ConfigError(f"word embeddings must be a [vocab, dim] matrix, got shape {tuple(embeddings.shape)}")
-        if not vocabulary:
-            raise ConfigError("the tokenizer has no whole-word vocabulary entries to substitute")
+        if len(vocabulary) < 2:
+            raise ConfigError("the tokenizer has fewer than two whole-word vocabulary entries to substitute")
         top = max(vocabulary.values())
         if top >= embeddings.shape[0]:
             raise ConfigError(f"the tokenizer has id {top} but the embedding matrix only {embeddings.shape[0]} rows")

@@ -56,6 +56,8 @@ def test_neighbours_are_nearest_by_cosine_without_the_word_itself(tokenizer):
     assert "good" not in table["good"]
     big = NeighbourTable(clustered_embeddings(tokenizer, groups), word_vocabulary(tokenizer), k=10_000)
     assert len(big["good"]) == len(word_vocabulary(tokenizer)) - 1  # k is capped at the vocabulary
+    with pytest.raises(ConfigError, match="fewer than two"):
+        NeighbourTable(torch.zeros(40, 4), {"good": 5}, k=2)
     with pytest.raises(ConfigError, match="only 3 rows"):
         NeighbourTable(torch.zeros(3, 4), word_vocabulary(tokenizer), k=2)
 
