@@ -59,7 +59,11 @@ done; done
 for w in ternary binary; do spikesim summary "$R/mrpc/$w-t-pred" "$R/mrpc/$w-t-s43-pred" "$R/mrpc/$w-t-s44-pred"; done
 # 10. the augmented set: 8 TinyBERT-style copies of every MRPC pair (29,341) beside STS-B and RTE
 #     (41,248 pairs in all); the fp student with step 6's budget, then 1.58-bit and 1-bit students from it
+#     (the fp student scored below step 6's, so the quantized ones were not trained here)
 spikesim augment --task mrpc --data "$G" --copies 8 --seed 42 --out "$R/aug/mrpc-8.tsv" --force
+# what the teacher answers on the copies against their source pairs (results/mrpc/teacher-on-augmented.json)
+python examples/teacher_on_augmented.py --teacher "$TE" --task mrpc --data "$G" --inputs "$R/aug/mrpc-8.tsv" \
+    --limit 400 > "$R/aug/teacher-on-augmented.json"
 aug=(--transfer-file "$R/aug/mrpc-8.tsv")
 spikesim train "${common[@]}" "${tr[@]}" "${aug[@]}" --weights fp --stage kd --max-steps 372 "${kd_eval[@]}" --out "$R/mrpc/fp-a-kd"
 spikesim train "${common[@]}" "${tr[@]}" "${aug[@]}" --weights fp --stage predict --max-steps 558 --eval-every 186 \

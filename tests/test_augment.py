@@ -189,3 +189,49 @@ def test_cli_augment_then_train_with_the_file(tmp_path):
               progress=False)
     with pytest.raises(ConfigError, match="listed twice"):
         TrainConfig(out=str(run), transfer_files=(str(out), str(out)), **base)
+
+
+def test_teacher_on_augmented_example_compares_each_copy_with_its_source(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    import transformers
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "teacher_on_augmented.py"
+    spec = importlib.util.spec_from_file_location("teacher_on_augmented", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+
+    data = write_sst2(tmp_path / "glue", n_train=12, n_dev=4)
+    teacher = make_teacher(tmp_path / "teacher", seed=3)
+    source = load_glue("sst2", "train", data)
+    n = 6
+    # copy 1 of source i is its own sentence, copy 2 is the next source's; source n (beyond --limit) is cut
+    rows = [r for i in range(n) for r in ((i, source.text_a[i], None), (i, source.text_a[(i + 1) % n], None))]
+    rows.append((n, source.text_a[n], None))
+    inputs = tmp_path / "aug.tsv"
+    write_inputs_tsv(inputs, rows, is_pair=False)
+
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(teacher).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(teacher)
+    with torch.no_grad():
+        enc = tok(source.text_a[:n], padding=True, return_tensors="pt")
+        margin = model(**enc).logits @ torch.tensor([-1.0, 1.0])
+        model.classifier.bias[1] -= float(margin.median())  # half the sources "positive", half "negative"
+        model.save_pretrained(teacher)
+        answers = model(**enc).logits.argmax(-1).tolist()
+    assert 0 < sum(answers) < n  # mixed answers, so a wrong pairing of copies and sources changes the agreement
+    expected_agreement = (n + sum(answers[i] == answers[(i + 1) % n] for i in range(n))) / (2 * n)
+    share_positive = sum(answers) / n
+
+    report = example.compare(teacher, "sst2", data, inputs, n)
+    assert report["originals"] == n and report["copies"] == 2 * n
+    assert report["agreement"] == pytest.approx(expected_agreement, abs=1e-4)
+    # every source sentence appears twice among the copies, so the copies' answer shares equal the originals'
+    assert report["on_originals"]["answers"]["positive"] == pytest.approx(share_positive, abs=1e-4)
+    assert report["on_copies"]["answers"] == report["on_originals"]["answers"]
+    assert 0 <= report["on_copies"]["mean_entropy_nats"] <= 0.7
+
+    inputs.write_text("sentence\nthe film\n", encoding="utf-8")  # not an augment file
+    with pytest.raises(DataError, match="no 'source' column"):
+        example.compare(teacher, "sst2", data, inputs, n)
