@@ -9,7 +9,7 @@ answers on the originals and on the copies, the teacher's mean entropy (nats) on
 ``agreement``, the share of copies that the teacher puts in the class it gives their source example.
 For STS-B: the mean predicted score on each and the mean absolute change from source to copy.
 Word replacement that flips many answers (a paraphrase that no longer is one) shifts the distribution
-of the soft labels that the student is distilled on.
+of the soft labels that the student is distilled on; `spikesim augment --filter-teacher` drops those copies.
 """
 
 import argparse
@@ -19,21 +19,10 @@ from pathlib import Path
 
 import torch
 
-from spikingbert_sim.augment import read_inputs_tsv
-from spikingbert_sim.data import GlueSplit, encode, get_task, load_glue, read_rows
+from spikingbert_sim.augment import read_inputs_tsv, teacher_consistent
+from spikingbert_sim.data import encode, get_task, load_glue, read_rows
 from spikingbert_sim.errors import DataError, SpikingBertError
-from spikingbert_sim.teacher import load_teacher, teacher_forward
-
-
-def teacher_outputs(teacher, tokenizer, split: GlueSplit, batch_size: int = 64) -> torch.Tensor:
-    enc = encode(split, tokenizer, 128)
-    outs = []
-    with torch.no_grad():
-        for i in range(0, len(split.text_a), batch_size):
-            out = teacher_forward(teacher, *(enc[k][i:i + batch_size] for k in ("input_ids", "attention_mask",
-                                                                                   "token_type_ids")))
-            outs.append(out.logits.float())
-    return torch.cat(outs)
+from spikingbert_sim.teacher import load_teacher, teacher_logits
 
 
 def summarize(logits: torch.Tensor, regression: bool, label_names) -> dict:
@@ -67,8 +56,8 @@ def compare(teacher_dir, task: str, data, inputs, limit: int) -> dict:
             break
         sources.append(src)
     copies = read_inputs_tsv(inputs, info.name, limit=len(sources))
-    orig_out = teacher_outputs(teacher, tokenizer, originals)
-    copy_out = teacher_outputs(teacher, tokenizer, copies)
+    orig_out = teacher_logits(teacher, encode(originals, tokenizer))
+    copy_out = teacher_logits(teacher, encode(copies, tokenizer))
     index = torch.tensor(sources)
     report = {"task": info.name, "originals": len(originals.text_a), "copies": len(sources),
               "on_originals": summarize(orig_out, info.is_regression, info.label_names),
@@ -76,7 +65,7 @@ def compare(teacher_dir, task: str, data, inputs, limit: int) -> dict:
     if info.is_regression:
         report["mean_abs_score_change"] = round(float((copy_out[:, 0] - orig_out[index, 0]).abs().mean()), 4)
     else:
-        report["agreement"] = round(float((copy_out.argmax(-1) == orig_out[index].argmax(-1)).float().mean()), 4)
+        report["agreement"] = round(float(teacher_consistent(orig_out, copy_out, index).float().mean()), 4)
     return report
 
 

@@ -141,6 +141,49 @@ def augment_split(split, tokenizer, embeddings: Tensor, options: AugmentOptions)
                 yield row, new_a, new_b
 
 
+def teacher_consistent(source_logits: Tensor, copy_logits: Tensor, sources: Tensor,
+                       max_score_change: float = 0.5) -> Tensor:
+    """Which copies keep their source's teacher answer: ``(copies,)`` bool.
+
+    ``source_logits`` ``(N, C)`` and ``copy_logits`` ``(M, C)`` are the teacher's outputs, ``sources``
+    ``(M,)`` the source row of each copy. Classification (C > 1): the same arg-max class. Regression
+    (C = 1, STS-B): a predicted score within ``max_score_change`` of the source's.
+    """
+    if source_logits.dim() != 2 or copy_logits.dim() != 2 or source_logits.shape[1] != copy_logits.shape[1]:
+        raise ConfigError(f"teacher outputs of shapes {tuple(source_logits.shape)} and {tuple(copy_logits.shape)} "
+                          "do not match")
+    if sources.shape != (copy_logits.shape[0],):
+        raise ConfigError(f"{sources.numel()} source rows for {copy_logits.shape[0]} copies")
+    if not max_score_change > 0:
+        raise ConfigError(f"max_score_change must be > 0, got {max_score_change!r}")
+    own = source_logits[sources]
+    if copy_logits.shape[1] == 1:
+        return (copy_logits[:, 0] - own[:, 0]).abs() <= max_score_change
+    return copy_logits.argmax(1) == own.argmax(1)
+
+
+def filter_by_teacher(rows: list[tuple[int, str, str | None]], source, teacher, tokenizer,
+                      max_score_change: float = 0.5, batch_size: int = 64,
+                      max_length: int = 128) -> tuple[list[tuple[int, str, str | None]], Tensor]:
+    """Keep the copies (``augment_split`` rows) on which ``teacher`` keeps its answer on their
+    source example (:func:`teacher_consistent`); returns them and the ``(len(rows),)`` keep mask.
+
+    Word replacement can change what a pair means (a paraphrase that no longer is one); the
+    teacher labels every copy anyway, so an unfiltered set can teach a label distribution unlike the
+    task's."""
+    from .data import GlueSplit, encode
+    from .teacher import teacher_logits
+
+    if not rows:
+        return [], torch.zeros(0, dtype=torch.bool)
+    copies = GlueSplit(task=source.task, split="augmented", text_a=[r[1] for r in rows],
+                       text_b=[r[2] for r in rows] if source.text_b is not None else None, labels=[0] * len(rows))
+    src = teacher_logits(teacher, encode(source, tokenizer, max_length), batch_size)
+    out = teacher_logits(teacher, encode(copies, tokenizer, max_length), batch_size)
+    keep = teacher_consistent(src, out, torch.tensor([r[0] for r in rows]), max_score_change)
+    return [r for r, k in zip(rows, keep.tolist()) if k], keep
+
+
 def write_inputs_tsv(path: str | Path, rows, is_pair: bool) -> int:
     """Write augmented inputs atomically as TSV (header ``source, sentence`` or ``source, sentence1,
     sentence2``); tabs and newlines inside a sentence become spaces. Returns the row count."""

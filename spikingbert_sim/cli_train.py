@@ -359,16 +359,23 @@ def summary(runs, metric, stage, as_json):
               help="BERT folder or hub name whose tokenizer and word embeddings are used [default: the offline "
                    "MiniLM]; a teacher folder works.")
 @click.option("--seed", type=int, default=42, show_default=True, help="Seed of the replacements.")
+@click.option("--filter-teacher", "filter_teacher", default=None, type=click.Path(file_okay=False),
+              help="Keep only the copies on which this teacher (a `spikesim teacher` folder) gives the answer "
+                   "it gives on their source example.")
+@click.option("--max-score-change", type=click.FloatRange(0, min_open=True), default=0.5, show_default=True,
+              help="With --filter-teacher on a regression task (STS-B): the largest change of the "
+                   "teacher's score from source to copy that is kept.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="TSV file to write (atomically).")
 @click.option("--force", is_flag=True, help="Overwrite an existing --out file.")
-def augment(task, data_dir, split, limit, copies, prob, neighbours, model, seed, out, force):
+def augment(task, data_dir, split, limit, copies, prob, neighbours, model, seed, filter_teacher, max_score_change,
+            out, force):
     """Write augmented copies of a task's inputs (TinyBERT-style word replacement) for
     `spikesim train --transfer-file`: the teacher labels them in the kd and predict stages."""
-    from .augment import AugmentOptions, augment_split, write_inputs_tsv
+    from .augment import AugmentOptions, augment_split, filter_by_teacher, write_inputs_tsv
     from .data import get_task, load_glue
     from .errors import ConfigError
     from .hf import load_bert, load_tokenizer
-    from .teacher import quiet_transformers
+    from .teacher import load_teacher, quiet_transformers
 
     if Path(out).exists() and not force:
         raise ConfigError(f"{out} exists (add --force to overwrite it)")
@@ -380,6 +387,14 @@ def augment(task, data_dir, split, limit, copies, prob, neighbours, model, seed,
     quiet_transformers()
     tokenizer = load_tokenizer(model)
     embeddings = load_bert(model).get_input_embeddings().weight.detach()
-    written = write_inputs_tsv(out, augment_split(source, tokenizer, embeddings, options), info.is_pair)
+    teacher = load_teacher(filter_teacher, info.name) if filter_teacher else None  # refuse a bad folder early
+    rows = augment_split(source, tokenizer, embeddings, options)
+    note = ""
+    if teacher is not None:
+        made = list(rows)
+        rows, _ = filter_by_teacher(made, source, *teacher, max_score_change=max_score_change)
+        same = f"score within {max_score_change}" if info.is_regression else "answer"
+        note = f"; kept {len(rows)} of {len(made)} on which the teacher keeps its {same}" if made else ""
+    written = write_inputs_tsv(out, rows, info.is_pair)
     click.echo(f"{out}: {written} augmented inputs from {len(source)} {info.name} {source.split} examples "
-               f"({copies} copies each, p={prob}, {neighbours} neighbours, seed {seed})")
+               f"({copies} copies each, p={prob}, {neighbours} neighbours, seed {seed}{note})")

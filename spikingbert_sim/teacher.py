@@ -205,16 +205,32 @@ def evaluate_teacher(model: nn.Module, task: str, tensors: dict[str, Tensor], ba
                      device: str | torch.device) -> dict[str, float]:
     """GLUE dev metrics of a (non-spiking) classifier on tokenized tensors."""
     from .metrics import compute_metrics
-    from .trainer import trim_batch
+
+    logits = teacher_logits(model, tensors, batch_size, device, by_length=False)
+    return compute_metrics(task, logits.numpy(), tensors["labels"].numpy())
+
+
+def teacher_logits(model: nn.Module, tensors: dict[str, Tensor], batch_size: int = 64,
+                   device: str | torch.device = "cpu", by_length: bool = True) -> Tensor:
+    """A (non-spiking) classifier's float32 logits on the CPU, ``(N, num_labels)`` in row order, for
+    tokenized ``tensors`` (``input_ids``, ``attention_mask``, ``token_type_ids``); with
+    ``by_length`` the batches group rows of similar length (less padding), else they follow row order."""
+    from .evaluation import length_batches, trim_batch
 
     model.eval()
-    logits = []
     n = tensors["input_ids"].shape[0]
-    for start in range(0, n, batch_size):
-        b = trim_batch({k: v[start:start + batch_size] for k, v in tensors.items()}, device)
-        logits.append(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                            token_type_ids=b["token_type_ids"]).logits.float().cpu())
-    return compute_metrics(task, torch.cat(logits).numpy(), tensors["labels"].numpy())
+    batches = length_batches(tensors, batch_size) if by_length else torch.arange(n).split(batch_size)
+    out = None
+    with torch.no_grad():
+        for idx in batches:
+            b = trim_batch({k: tensors[k][idx] for k in ("input_ids", "attention_mask", "token_type_ids")}, device)
+            logits = model(**b).logits.float().cpu()
+            if out is None:
+                out = logits.new_empty(n, logits.shape[1])
+            out[idx] = logits
+    if out is None:
+        raise DataError("no rows to score")
+    return out
 
 
 def finetune_teacher(config: TeacherConfig, progress: bool | None = None,

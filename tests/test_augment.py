@@ -195,8 +195,6 @@ def test_teacher_on_augmented_example_compares_each_copy_with_its_source(tmp_pat
     import importlib.util
     from pathlib import Path
 
-    import transformers
-
     path = Path(__file__).resolve().parents[1] / "examples" / "teacher_on_augmented.py"
     spec = importlib.util.spec_from_file_location("teacher_on_augmented", path)
     example = importlib.util.module_from_spec(spec)
@@ -212,14 +210,7 @@ def test_teacher_on_augmented_example_compares_each_copy_with_its_source(tmp_pat
     inputs = tmp_path / "aug.tsv"
     write_inputs_tsv(inputs, rows, is_pair=False)
 
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(teacher).eval()
-    tok = transformers.AutoTokenizer.from_pretrained(teacher)
-    with torch.no_grad():
-        enc = tok(source.text_a[:n], padding=True, return_tensors="pt")
-        margin = model(**enc).logits @ torch.tensor([-1.0, 1.0])
-        model.classifier.bias[1] -= float(margin.median())  # half the sources "positive", half "negative"
-        model.save_pretrained(teacher)
-        answers = model(**enc).logits.argmax(-1).tolist()
+    answers = split_teacher_answers(teacher, source.text_a[:n])
     assert 0 < sum(answers) < n  # mixed answers, so a wrong pairing of copies and sources changes the agreement
     expected_agreement = (n + sum(answers[i] == answers[(i + 1) % n] for i in range(n))) / (2 * n)
     share_positive = sum(answers) / n
@@ -235,3 +226,74 @@ def test_teacher_on_augmented_example_compares_each_copy_with_its_source(tmp_pat
     inputs.write_text("sentence\nthe film\n", encoding="utf-8")  # not an augment file
     with pytest.raises(DataError, match="no 'source' column"):
         example.compare(teacher, "sst2", data, inputs, n)
+
+
+def split_teacher_answers(teacher, texts: list[str]) -> list[int]:
+    """Shift the saved teacher's classifier bias so that it answers "positive" on half of ``texts``
+    (a random tiny teacher gives one answer to almost everything); its answers on them."""
+    import transformers
+
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(teacher).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(teacher)
+    with torch.no_grad():
+        enc = tok(texts, padding=True, return_tensors="pt")
+        margin = model(**enc).logits @ torch.tensor([-1.0, 1.0])
+        model.classifier.bias[1] -= float(margin.median())
+        model.save_pretrained(teacher)
+        return model(**enc).logits.argmax(-1).tolist()
+
+
+def test_teacher_consistent_compares_each_copy_with_its_own_source():
+    from spikingbert_sim.augment import teacher_consistent
+
+    src = torch.tensor([[2.0, 1.0], [0.0, 3.0]])
+    copies = torch.tensor([[1.0, 0.0], [5.0, 0.0], [0.0, 1.0]])
+    assert teacher_consistent(src, copies, torch.tensor([0, 1, 1])).tolist() == [True, False, True]
+    assert teacher_consistent(src, copies, torch.tensor([1, 0, 0])).tolist() == [False, True, False]
+    scores = torch.tensor([[2.0], [4.0]])
+    out = torch.tensor([[2.4], [3.0], [4.5]])
+    assert teacher_consistent(scores, out, torch.tensor([0, 1, 1])).tolist() == [True, False, True]
+    assert teacher_consistent(scores, out, torch.tensor([0, 1, 1]), max_score_change=1.0).tolist() == [True] * 3
+    with pytest.raises(ConfigError, match="do not match"):
+        teacher_consistent(src, out, torch.tensor([0, 1, 1]))
+    with pytest.raises(ConfigError, match="source rows"):
+        teacher_consistent(src, copies, torch.tensor([0, 1]))
+    with pytest.raises(ConfigError, match="max_score_change"):
+        teacher_consistent(scores, out, torch.tensor([0, 1, 1]), max_score_change=0.0)
+
+
+def test_cli_augment_filter_teacher_keeps_the_copies_with_their_source_answer(tmp_path):
+    import transformers
+
+    data = write_sst2(tmp_path / "glue", n_train=12, n_dev=4)
+    teacher = make_teacher(tmp_path / "teacher", seed=3)
+    source = load_glue("sst2", "train", data)
+    answers = split_teacher_answers(teacher, source.text_a)
+    assert 0 < sum(answers) < len(answers)
+    runner = CliRunner()
+    base = ["augment", "--task", "sst2", "--data", str(data), "--copies", "4", "--prob", "0.6", "--model", str(teacher)]
+    res = runner.invoke(main, base + ["--out", str(tmp_path / "all.tsv")])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(main, base + ["--filter-teacher", str(teacher), "--out", str(tmp_path / "kept.tsv")])
+    assert res.exit_code == 0, res.output
+
+    def rows(path):
+        lines = path.read_text(encoding="utf-8").splitlines()[1:]
+        return [(int(line.split("\t")[0]), line.split("\t")[1]) for line in lines]
+
+    made, kept = rows(tmp_path / "all.tsv"), rows(tmp_path / "kept.tsv")
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(teacher).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(teacher)
+    with torch.no_grad():
+        copy_answers = model(**tok([t for _, t in made], padding=True, return_tensors="pt")).logits.argmax(-1)
+    expected = [r for r, a in zip(made, copy_answers.tolist()) if a == answers[r[0]]]
+    assert 0 < len(expected) < len(made)  # the filter keeps some copies and drops others
+    assert kept == expected
+    assert f"kept {len(expected)} of {len(made)} on which the teacher keeps its answer" in res.output
+
+    bad = runner.invoke(main, base + ["--filter-teacher", str(tmp_path / "none"), "--out", str(tmp_path / "x.tsv")])
+    assert bad.exit_code != 0 and "does not exist" in bad.output and "Traceback" not in bad.output
+    assert not (tmp_path / "x.tsv").exists()
+    bad = runner.invoke(main, base + ["--filter-teacher", str(teacher), "--max-score-change", "0", "--out",
+                                      str(tmp_path / "x.tsv")])
+    assert bad.exit_code != 0 and "Traceback" not in bad.output
