@@ -15,12 +15,11 @@ of the soft labels that the student is distilled on; `spikesim augment --filter-
 import argparse
 import json
 import sys
-from pathlib import Path
 
 import torch
 
-from spikingbert_sim.augment import read_inputs_tsv, teacher_consistent
-from spikingbert_sim.data import encode, get_task, load_glue, read_rows
+from spikingbert_sim.augment import read_inputs_tsv, read_sources, teacher_consistent
+from spikingbert_sim.data import encode, get_task, load_glue
 from spikingbert_sim.errors import DataError, SpikingBertError
 from spikingbert_sim.teacher import load_teacher, teacher_logits
 
@@ -40,21 +39,9 @@ def compare(teacher_dir, task: str, data, inputs, limit: int) -> dict:
     info = get_task(task)
     teacher, tokenizer = load_teacher(teacher_dir, info.name)
     originals = load_glue(info.name, "train", data, limit=limit)
-    if not Path(inputs).is_file():
-        raise DataError(f"{inputs}: no such inputs file")
-    rows = read_rows(Path(inputs))
-    header = next(rows, (0, []))[1]
-    if "source" not in header:
-        raise DataError(f"{inputs}: no 'source' column in the header (not a spikesim augment file)")
-    sources = []
-    for line, fields in rows:
-        try:
-            src = int(fields[header.index("source")])
-        except (ValueError, IndexError):
-            raise DataError(f"{inputs}:{line}: the source column is not a row number") from None
-        if src >= len(originals.text_a):
-            break
-        sources.append(src)
+    sources = read_sources(inputs, below=len(originals.text_a))
+    if not sources:
+        raise DataError(f"{inputs}: no copies of the first {len(originals.text_a)} training examples")
     copies = read_inputs_tsv(inputs, info.name, limit=len(sources))
     orig_out = teacher_logits(teacher, encode(originals, tokenizer))
     copy_out = teacher_logits(teacher, encode(copies, tokenizer))

@@ -200,13 +200,10 @@ def write_inputs_tsv(path: str | Path, rows, is_pair: bool) -> int:
     return count
 
 
-def read_inputs_tsv(path: str | Path, task: str, limit: int | None = None):
-    """An inputs file (``spikesim augment`` output, or any TSV with a ``sentence`` column, or
-    ``sentence1`` and ``sentence2`` for pair tasks) as a :class:`~spikingbert_sim.data.GlueSplit`
-    of ``task`` with placeholder labels (the teacher labels these rows); ``limit``: the first rows only."""
-    from .data import GlueSplit, get_task, read_rows
+def _open_inputs(path: str | Path):
+    """``(path, header, rows)`` of an inputs TSV; ``rows`` iterates ``(line number, fields)`` after the header."""
+    from .data import read_rows
 
-    info = get_task(task)
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such inputs file")
@@ -214,7 +211,39 @@ def read_inputs_tsv(path: str | Path, task: str, limit: int | None = None):
     first = next(rows, None)
     if first is None:
         raise DataError(f"{path} is empty (expected a header line)")
-    header = first[1]
+    return path, first[1], rows
+
+
+def read_sources(path: str | Path, below: int | None = None) -> list[int]:
+    """The ``source`` column of a ``spikesim augment`` file: the training row each copy came from, in
+    file order. ``below``: stop at the first copy whose source row is ``below`` or later (the file lists
+    copies in source order, so this gives the copies of the first ``below`` training examples)."""
+    path, header, rows = _open_inputs(path)
+    if "source" not in header:
+        raise DataError(f"{path}:1: no 'source' column in the header (not a spikesim augment file)")
+    col = header.index("source")
+    sources: list[int] = []
+    for line, fields in rows:
+        try:
+            src = int(fields[col])
+        except (ValueError, IndexError):
+            raise DataError(f"{path}:{line}: the source column is not a row number") from None
+        if src < 0:
+            raise DataError(f"{path}:{line}: negative source row {src}")
+        if below is not None and src >= below:
+            break
+        sources.append(src)
+    return sources
+
+
+def read_inputs_tsv(path: str | Path, task: str, limit: int | None = None):
+    """An inputs file (``spikesim augment`` output, or any TSV with a ``sentence`` column, or
+    ``sentence1`` and ``sentence2`` for pair tasks) as a :class:`~spikingbert_sim.data.GlueSplit`
+    of ``task`` with placeholder labels (the teacher labels these rows); ``limit``: the first rows only."""
+    from .data import GlueSplit, get_task
+
+    info = get_task(task)
+    path, header, rows = _open_inputs(path)
     wanted = ("sentence1", "sentence2") if info.is_pair else ("sentence",)
     missing = [c for c in wanted if c not in header]
     if missing:

@@ -11,7 +11,7 @@ import torch
 from click.testing import CliRunner
 
 from spikingbert_sim.augment import (AugmentOptions, NeighbourTable, augment_split, augment_text, read_inputs_tsv,
-                                     word_vocabulary, write_inputs_tsv)
+                                     read_sources, word_vocabulary, write_inputs_tsv)
 from spikingbert_sim.cli import main
 from spikingbert_sim.data import GlueSplit, load_glue
 from spikingbert_sim.errors import ConfigError, DataError
@@ -133,6 +133,25 @@ def test_inputs_file_round_trip_and_refusals(tmp_path):
         read_inputs_tsv(tmp_path / "missing.tsv", "sst2")
 
 
+def test_read_sources_gives_each_copys_training_row_and_stops_at_below(tmp_path):
+    path = tmp_path / "aug.tsv"
+    write_inputs_tsv(path, [(0, "a", "b"), (0, "c", "d"), (2, "e", "f"), (5, "g", "h")], is_pair=True)
+    assert read_sources(path) == [0, 0, 2, 5]
+    assert read_sources(path, below=3) == [0, 0, 2]
+    assert read_sources(path, below=0) == []
+    (tmp_path / "plain.tsv").write_text("sentence\nno source here\n")
+    with pytest.raises(DataError, match=r"plain.tsv:1: no 'source' column"):
+        read_sources(tmp_path / "plain.tsv")
+    (tmp_path / "bad.tsv").write_text("source\tsentence\n0\ta\nx\tb\n")
+    with pytest.raises(DataError, match=r"bad.tsv:3: the source column is not a row number"):
+        read_sources(tmp_path / "bad.tsv")
+    (tmp_path / "neg.tsv").write_text("source\tsentence\n-1\ta\n")
+    with pytest.raises(DataError, match=r"neg.tsv:2: negative source row -1"):
+        read_sources(tmp_path / "neg.tsv")
+    with pytest.raises(DataError, match="no such inputs file"):
+        read_sources(tmp_path / "missing.tsv")
+
+
 def test_cli_augment_then_train_with_the_file(tmp_path):
     from spikingbert_sim.trainer import TrainConfig, Trainer, train
 
@@ -237,8 +256,11 @@ def split_teacher_answers(teacher, texts: list[str]) -> list[int]:
     tok = transformers.AutoTokenizer.from_pretrained(teacher)
     with torch.no_grad():
         enc = tok(texts, padding=True, return_tensors="pt")
-        margin = model(**enc).logits @ torch.tensor([-1.0, 1.0])
-        model.classifier.bias[1] -= float(margin.median())
+        margin = (model(**enc).logits @ torch.tensor([-1.0, 1.0])).sort().values
+        # halfway between the two middle margins: no text sits on the boundary, where float noise
+        # (another batch's padding) would decide its answer
+        half = len(texts) // 2
+        model.classifier.bias[1] -= float(margin[half - 1] + margin[half]) / 2
         model.save_pretrained(teacher)
         return model(**enc).logits.argmax(-1).tolist()
 
