@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The exact commands behind the STS-B student in the README (seed 42, 2-core CPU, torch 2.13.0+cpu,
-# OMP_NUM_THREADS=1, beside one other training job, ~3 s per step; every step resumes after a kill).
+# The exact commands behind the STS-B students in the README (seed 42, 2-core CPU, torch 2.13.0+cpu,
+# OMP_NUM_THREADS=2 as the only job: 1.5-1.9 s per KD step, 0.65-0.85 per fine-tuning step, ~5 min per
+# T = 80 dev evaluation, 2 h 7 min in all; every step resumes after a kill). An earlier run of steps 1-2
+# with OMP_NUM_THREADS=1 beside another job (~3 s per step) is in results/stsb/1thread/.
 #   bash examples/reproduce_stsb.sh [OUT_DIR]      (default runs/)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,4 +21,12 @@ tr=(--transfer mrpc --transfer rte)
 spikesim train "${common[@]}" "${tr[@]}" --weights fp --stage kd --max-steps 372 "${kd_eval[@]}" --out "$R/stsb/fp-t-kd"
 spikesim train "${common[@]}" "${tr[@]}" --weights fp --stage predict --max-steps 372 --eval-every 186 --eval-timesteps 80 \
     --init "$R/stsb/fp-t-kd/last.pt" --out "$R/stsb/fp-t-pred"
-# The quantized students were not trained: the full-precision student's dev correlation is about zero.
+# 3. fine-tuning on the true scores (the paper's last stage) from step 2's student, 6 epochs of STS-B alone
+#    (180 steps an epoch)
+spikesim train "${common[@]}" --weights fp --stage finetune --max-steps 1080 --eval-every 180 --eval-timesteps 80 \
+    --init "$R/stsb/fp-t-pred/last.pt" --out "$R/stsb/fp-t-ft"
+# 4. a 1.58-bit student from step 3's best: intermediate KD (1 epoch), then fine-tuning (2 epochs)
+spikesim train "${common[@]}" --weights ternary --stage kd --max-steps 180 "${kd_eval[@]}" \
+    --init "$R/stsb/fp-t-ft/best.pt" --out "$R/stsb/ternary-kd"
+spikesim train "${common[@]}" --weights ternary --stage finetune --max-steps 360 --eval-every 180 --eval-timesteps 80 \
+    --init "$R/stsb/ternary-kd/last.pt" --out "$R/stsb/ternary-ft"
