@@ -26,13 +26,11 @@ spikesim train "${common[@]}" "${tr[@]}" --weights fp --stage predict --max-step
 #    (180 steps an epoch)
 spikesim train "${common[@]}" --weights fp --stage finetune --max-steps 1080 --eval-every 180 --eval-timesteps 80 \
     --init "$R/stsb/fp-t-pred/last.pt" --out "$R/stsb/fp-t-ft"
-# 4. a 1.58-bit student from step 3's best: intermediate KD (1 epoch), then fine-tuning (2 epochs)
-spikesim train "${common[@]}" --weights ternary --stage kd --max-steps 180 "${kd_eval[@]}" \
-    --init "$R/stsb/fp-t-ft/best.pt" --out "$R/stsb/ternary-kd"
-spikesim train "${common[@]}" --weights ternary --stage finetune --max-steps 360 --eval-every 180 --eval-timesteps 80 \
-    --init "$R/stsb/ternary-kd/last.pt" --out "$R/stsb/ternary-ft"
-# 5. a 1-bit student, the same recipe as step 4
-spikesim train "${common[@]}" --weights binary --stage kd --max-steps 180 "${kd_eval[@]}" \
-    --init "$R/stsb/fp-t-ft/best.pt" --out "$R/stsb/binary-kd"
-spikesim train "${common[@]}" --weights binary --stage finetune --max-steps 360 --eval-every 180 --eval-timesteps 80 \
-    --init "$R/stsb/binary-kd/last.pt" --out "$R/stsb/binary-ft"
+# 4. (ternary) and 5. (binary): 1.58-bit and 1-bit students from step 3's best, intermediate KD (1 epoch)
+#    then fine-tuning (2 epochs)
+for w in ternary binary; do
+  spikesim train "${common[@]}" --weights $w --stage kd --max-steps 180 "${kd_eval[@]}" \
+      --init "$R/stsb/fp-t-ft/best.pt" --out "$R/stsb/$w-kd"
+  spikesim train "${common[@]}" --weights $w --stage finetune --max-steps 360 --eval-every 180 --eval-timesteps 80 \
+      --init "$R/stsb/$w-kd/last.pt" --out "$R/stsb/$w-ft"
+done
