@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -25,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from spikingbert_sim import native  # noqa: E402
 from spikingbert_sim.config import SpikingBertConfig  # noqa: E402
 from spikingbert_sim.engine import EngineOptions, simulate_multistep, spike_mismatch  # noqa: E402
 from spikingbert_sim.model import SpikingBertForSequenceClassification  # noqa: E402
@@ -163,6 +165,8 @@ def main(argv=None) -> dict:
     p.add_argument("--profile", action="store_true",
                    help="CPU: also report the fast engine's time in matrix products, the speed-up it would "
                         "reach if everything else were free, and the CPU's measured product peak")
+    p.add_argument("--compare-native", action="store_true",
+                   help="CPU: also time the fast engine with the compiled scan switched off (PyTorch's scan)")
     p.add_argument("--out", default=None, help="also write the JSON object to this file")
     a = p.parse_args(argv)
     if a.profile and a.device != "cpu":
@@ -236,6 +240,18 @@ def main(argv=None) -> dict:
             result.setdefault("fast_seq_steps_per_s_by_operand", {})[operand] = seq_steps / statistics.median(times)
         except Exception as exc:
             result.setdefault("fast_seq_steps_per_s_by_operand", {})[operand] = f"failed: {exc}"[:200]
+    if dev == "cpu":
+        result["native_scan"] = native.available()
+        result["malloc_tuned"] = native.tune_malloc()  # applied by the first fast run, before any timing
+        if a.compare_native and native.available():
+            os.environ["SPIKINGBERT_NATIVE"] = "0"
+            native._library.cache_clear()
+            fast()
+            times = timed(fast, dev, fast_repeats)
+            os.environ.pop("SPIKINGBERT_NATIVE")
+            native._library.cache_clear()
+            result["fast_without_native_seq_steps_per_s"] = seq_steps / statistics.median(times)
+            result["native_speedup"] = statistics.median(times) / statistics.median(t_fast)
     lin, att = flops_per_sequence_step(model, L)
     if a.profile:
         products_s, profiled_s = product_time_cpu(fast)

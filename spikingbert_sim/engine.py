@@ -8,7 +8,10 @@ before it runs. Two backends compute it:
 * ``torch`` (any device; the only one on CPU): the model's own operations on (t, B, L, W) tensors,
   bit for bit the reference engine's result in float64 and float32 (``tests/test_simulation.py``).
   Binary/ternary products run as exact bf16 products (:func:`kernels.exact_product_cpu`), K and V
-  share one product and one scan, and the scan updates the membrane in place.
+  share one product, and scales, biases, GELU and residuals are applied in place. On the CPU each
+  site's neuron runs over the chunk's steps in one compiled pass (:mod:`native`, where a C
+  compiler is at hand; else ``kernels.scan_torch``, three in-place operations a step), which also
+  counts the recorder's statistics and writes the bf16 spikes that the next product reads.
 * ``fused`` (CUDA): spike products on tensor cores in fp8 e4m3 or int8 (exact for binary/ternary
   weights), then one Triton kernel per site that applies the product's scale and bias (and GELU,
   or the residual and LayerNorm), runs the neuron over t with the membrane in registers, writes
@@ -33,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import kernels
+from . import kernels, native
 from .errors import ConfigError
 from .model import INPUT_SITE, SpikingBertForSequenceClassification, SpikingEncoderLayer
 from .quantization import QuantLinear
@@ -170,6 +173,8 @@ def run_multistep(model: SpikingBertForSequenceClassification, embedded: Tensor,
         planned = plan_chunks(timesteps, B * L, per_row, budget, chunk_steps)[0]
         chunk_steps = min(planned[1] - planned[0], adaptive.check_every)
     chunks = plan_chunks(timesteps, B * L, per_row, budget, chunk_steps)
+    if embedded.device.type == "cpu":
+        native.tune_malloc()
     if backend == "torch":
         _TorchRun(model, embedded, mask_bias, timesteps, recorder).run(chunks)
     else:
@@ -202,39 +207,39 @@ class _ExactLinear:
         self.scales = [s.to(device=device, dtype=dtype) for s in scales]
         self.biases = [m.bias for m in modules]
 
-    def product(self, x: Tensor) -> Tensor:
-        return kernels.exact_product_cpu(x, self.values) if self.cpu else F.linear(x, self.values)
+    def product(self, x: Tensor, low: Tensor | None = None) -> Tensor:
+        """``x @ valuesᵀ``; ``low``: the same 0/1 spikes already in bf16 (saves a conversion)."""
+        if self.cpu:
+            return kernels.exact_product_cpu(x, self.values, low)
+        return F.linear(x, self.values)
 
-    def __call__(self, x: Tensor) -> list[Tensor]:
+    def currents(self, x: Tensor, low: Tensor | None = None) -> Tensor:
+        """Binary/ternary: every module's current side by side, (..., Σ out_features)."""
+        acc = self.product(x, low)
+        # in place on the fresh accumulator: the same two roundings as ``part * s + b``
+        for part, s, b in zip(acc.split(self.splits, dim=-1), self.scales, self.biases):
+            part.mul_(s)
+            if b is not None:
+                part.add_(b)
+        return acc
+
+    def __call__(self, x: Tensor, low: Tensor | None = None) -> list[Tensor]:
         if not self.exact:
             return [m(x) for m in self.modules]
-        acc = self.product(x)
-        outs = []
-        for part, s, b in zip(acc.split(self.splits, dim=-1), self.scales, self.biases):
-            part = part * s
-            outs.append(part + b if b is not None else part)
-        return outs
+        return list(self.currents(x, low).split(self.splits, dim=-1))
 
-    def fused_pair(self, x: Tensor, first: int, count: int = 2) -> tuple[Tensor, list[Tensor]]:
-        """Currents of modules ``first..first+count-1`` side by side, (..., Σ widths), plus the
-        others' currents; each column gets its own module's scale and bias (same roundings)."""
+    def fused_pair(self, x: Tensor, first: int, count: int = 2,
+                   low: Tensor | None = None) -> tuple[Tensor, list[Tensor]]:
+        """Currents of modules ``first..first+count-1`` side by side, (..., Σ widths) (a view of
+        the accumulator, no copy), plus the others' currents."""
         if not self.exact:
             outs = [m(x) for m in self.modules]
             return torch.cat(outs[first:first + count], -1), outs[:first] + outs[first + count:]
-        acc = self.product(x)
+        acc = self.currents(x, low)
         parts = list(acc.split(self.splits, dim=-1))
-        sel = range(first, first + count)
-        scale = torch.cat([self.scales[i].expand(self.splits[i]) for i in sel])
-        pair = acc[..., sum(self.splits[:first]):sum(self.splits[:first + count])] * scale
-        if self.biases[first] is not None:
-            pair = pair + torch.cat([self.biases[i] for i in sel])
-        others = []
-        for i, (part, s, b) in enumerate(zip(parts, self.scales, self.biases)):
-            if i in sel:
-                continue
-            part = part * s
-            others.append(part + b if b is not None else part)
-        return pair, others
+        c0 = sum(self.splits[:first])
+        pair = acc[..., c0:c0 + sum(self.splits[first:first + count])]
+        return pair, parts[:first] + parts[first + count:]
 
 
 class _TorchRun:
@@ -250,43 +255,101 @@ class _TorchRun:
                  i=_ExactLinear([layer.intermediate], dt, dev),
                  out=_ExactLinear([layer.output], dt, dev))
             for layer in model.layers]
+        # The compiled scan (CPU, float32/64): per-site state, statistics counted in the scan,
+        # and bf16 copies of the spikes for the exact products that read them.
+        self.native = dev.type == "cpu" and dt in (torch.float32, torch.float64) and native.available()
+        self.bf16 = self.native and model.config.weight_mode != "fp"
+        B, L, _ = embedded.shape
+        self.B, self.L, self.R = B, L, B * L
+        opts = recorder.options
+        full = set(recorder.per_neuron_sites) if opts.per_neuron else set()
+        if self.native:
+            self.valid = None if recorder.all_valid else recorder.mask.reshape(-1)
+            self.state = {s: kernels.ScanState(self.R, model.site_width(s), timesteps, dev, dt,
+                                               stats=s not in full)
+                          for s in model.site_names()}
+            for st in self.state.values():
+                if st.counts is not None:
+                    st.counts = st.counts.to(torch.int64)
+        self.done = 0
 
-    def scan(self, sites: tuple[str, ...], current: Tensor) -> Tensor:
-        """Scan ``current`` (t, B, L, ΣW) for one or more sites laid side by side."""
-        key = "+".join(sites)
-        spikes, self.mems[key] = kernels.scan_torch(current, self.threshold, self.leak, self.mems.get(key))
-        hook = getattr(self.recorder, "on_spikes", None)
+    def scan(self, sites: tuple[str, ...], current: Tensor, bf16: bool = False):
+        """Scan ``current`` (t, B, L, ΣW) for one or more sites laid side by side. Returns the
+        spikes, or (spikes, their bf16 copy or None) when ``bf16`` is asked for."""
+        if self.native:
+            spikes, low = self._scan_native(sites, current, bf16 and self.bf16)
+        else:
+            key = "+".join(sites)
+            spikes, self.mems[key] = kernels.scan_torch(current, self.threshold, self.leak, self.mems.get(key))
+            low = None
+        rec = self.recorder
+        hook = getattr(rec, "on_spikes", None)
         c0 = 0
         for s in sites:
             w = self.model.site_width(s)
             part = spikes if len(sites) == 1 else spikes[..., c0:c0 + w]
-            self.recorder.block(s, part)
+            if not self.native or self.state[s].counts is None:
+                rec.block(s, part)  # statistics (and per-neuron traces) from the spikes
+            else:  # statistics were counted in the scan: only rasters and the readout remain
+                rec.raster(s, part)
+                if s == self.model.output_site and rec.track_readout:
+                    rec.readout_block(part)
             if hook is not None:
                 hook(s, self.t0, part)
             c0 += w
-        return spikes
+        return (spikes, low) if bf16 else spikes
 
-    def layer(self, layer: SpikingEncoderLayer, lin: dict, x: Tensor) -> Tensor:
+    def _scan_native(self, sites: tuple[str, ...], current: Tensor, bf16: bool) -> tuple[Tensor, Tensor | None]:
+        t = current.shape[0]
+        cur = current.reshape(t, self.R, current.shape[-1]) if current.stride(0) else \
+            current[:1].reshape(1, self.R, current.shape[-1]).expand(t, -1, -1)
+        out = torch.empty(cur.shape, dtype=cur.dtype)
+        low = torch.empty(cur.shape, dtype=torch.bfloat16) if bf16 else None
+        c0 = 0
+        for s in sites:
+            w = self.model.site_width(s)
+            st = self.state[s]
+            cols = slice(c0, c0 + w)
+            native.scan(cur[..., cols], st.mem, threshold=self.threshold, leak=self.leak,
+                        out=out[..., cols], out_bf16=None if low is None else low[..., cols],
+                        weighted=st.weighted, valid=self.valid,
+                        counts=None if st.counts is None else st.counts[self.t0:self.t0 + t])
+            c0 += w
+        shape = (t, self.B, self.L, -1)
+        return out.view(shape), None if low is None else low.view(shape)
+
+    def layer(self, layer: SpikingEncoderLayer, lin: dict, x: Tensor, x16: Tensor | None) -> tuple[Tensor, Tensor | None]:
         D = self.model.config.hidden_size
-        kv_cur, (q,) = lin["kvq"].fused_pair(x, 0)
+        kv_cur, (q,) = lin["kvq"].fused_pair(x, 0, low=x16)
         kv = self.scan((layer.site("key"), layer.site("value")), kv_cur)
         k, v = kv[..., :D], kv[..., D:]
-        a = self.scan((layer.site("attention"),), layer.attend(q, k, v, self.mask_bias))
-        (o,) = lin["o"](a)
-        so = self.scan((layer.site("attention_output"),), layer.attention_norm(o + x))
-        (i,) = lin["i"](so)
-        h = self.scan((layer.site("intermediate"),), F.gelu(i))
-        (o2,) = lin["out"](h)
-        return self.scan((layer.site("output"),), layer.output_norm(o2 + so))
+        mask = None if self.recorder.all_valid else self.mask_bias  # no padding: nothing to add
+        a, a16 = self.scan((layer.site("attention"),), layer.attend(q, k, v, mask), bf16=True)
+        (o,) = lin["o"](a, low=a16)
+        so, so16 = self.scan((layer.site("attention_output"),), layer.attention_norm(o.add_(x)), bf16=True)
+        (i,) = lin["i"](so, low=so16)
+        h, h16 = self.scan((layer.site("intermediate"),), _gelu_(i), bf16=True)
+        (o2,) = lin["out"](h, low=h16)
+        return self.scan((layer.site("output"),), layer.output_norm(o2.add_(so)), bf16=True)
 
     def run(self, chunks: list[tuple[int, int]]) -> None:
         for t0, t1 in chunks:
             self.t0 = t0
-            x = self.scan((INPUT_SITE,), self.embedded.expand(t1 - t0, *self.embedded.shape))
+            x, x16 = self.scan((INPUT_SITE,), self.embedded.expand(t1 - t0, *self.embedded.shape), bf16=True)
             for layer, lin in zip(self.model.layers, self.linears):
-                x = self.layer(layer, lin, x)
+                x, x16 = self.layer(layer, lin, x, x16)
+            self.done = t1
             if self.recorder.should_stop():
                 break
+        if self.native:
+            for site, st in self.state.items():
+                if st.counts is not None:
+                    self.recorder.block_counted(site, st.counts[:self.done], st.weighted.view(self.B, self.L, -1))
+
+
+def _gelu_(x: Tensor) -> Tensor:
+    """GELU in place (the same kernel and result as ``F.gelu``) on a tensor no one else holds."""
+    return torch.ops.aten.gelu_(x) if not x.requires_grad else F.gelu(x)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -98,13 +98,20 @@ class SpikingEncoderLayer(nn.Module):
         *lead, L, _ = x.shape
         return x.reshape(*lead, L, self.num_heads, self.head_dim).transpose(-3, -2)  # (*, H, L, dh)
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask_bias: Tensor, observe: Observe | None = None) -> Tensor:
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask_bias: Tensor | None, observe: Observe | None = None) -> Tensor:
         """Scaled dot-product attention of real Q over spiking K and V, per head: (*, L, D) -> (*, L, D)."""
         q, k, v = self._heads(q), self._heads(k), self._heads(v)  # (*, H, L, dh)
-        scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)  # (*, H, L, L)
+        scores = q @ k.transpose(-1, -2)  # (*, H, L, L)
+        # in place where no gradient is taken (inference): the same rounding, no second tensor
+        inplace = not scores.requires_grad
+        scale = math.sqrt(self.head_dim)
+        scores = scores.div_(scale) if inplace else scores / scale
         if observe is not None:
             observe(self.site("attention_scores"), scores)
-        probs = torch.softmax(scores + mask_bias, dim=-1)  # mask_bias (B, 1, 1, L) broadcasts
+        if mask_bias is not None:  # None: no padding (adding zeros would change nothing)
+            # (B, 1, 1, L) broadcasts; not in place once an observer holds the scores
+            scores = scores.add_(mask_bias) if inplace and observe is None else scores + mask_bias
+        probs = torch.softmax(scores, dim=-1)
         ctx = probs @ v  # (*, H, L, dh)
         return ctx.transpose(-3, -2).flatten(-2)  # (*, L, D)
 

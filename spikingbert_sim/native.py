@@ -1,0 +1,285 @@
+r"""A compiled neuron scan for the CPU: the multi-step engine's per-site time loop in one C pass.
+
+:func:`kernels.scan_torch` runs a site's neuron over t steps as three or four PyTorch operations
+a step; at the tiny configuration on two cores that per-step work (and the recorder's passes over
+the spikes) was most of the fast engine's time. :func:`scan` does the same arithmetic in one pass
+of C per block of 256 neurons, the membrane and the ASR numerator held in a local array for all
+t steps, and
+
+* writes the spikes in the model's dtype, and optionally also as bf16 (the operand of the next
+  layer's exact binary/ternary product, saving a conversion pass);
+* counts the spikes of valid tokens at every step and updates the ASR numerator
+  Σ γ^{t-τ} s[τ] as it goes (what :meth:`Recorder.block` would compute in two more passes).
+
+**Exactness.** Per neuron and step the C code does what ``scan_torch`` does, in the same order
+and precision: ``u ← u·γ`` (skipped when γ = 1, as there), ``u ← u + x``, ``s = [u > V_th]``,
+``u ← u − V_th·s``; compiled with ``-ffp-contract=off`` so that no multiply-add is fused, its
+spikes and membranes equal PyTorch's bit for bit in float32 and float64
+(``tests/test_native.py``).
+
+**Build.** The C source below is compiled once per machine with the system C compiler (``$CC``,
+else ``cc``) into ``$SPIKINGBERT_CACHE`` (default ``~/.cache/spikingbert_sim``), written
+atomically, and loaded with :mod:`ctypes`; with OpenMP (``-fopenmp``, resolved to the libgomp
+that PyTorch has loaded) its rows are split over ``torch.get_num_threads()`` threads. Where no
+compiler is found or the build fails, or with ``SPIKINGBERT_NATIVE=0``, :func:`available` is False
+and the engine keeps ``scan_torch``.
+
+**Allocation.** A multi-step chunk's tensors are megabytes each; glibc serves such blocks with
+fresh ``mmap`` pages (or trims them off the heap when freed), so every chunk pays the page faults
+of its allocations again, which measured a third of the fast engine's time on two cores.
+:func:`tune_malloc` (called by the engine on its first CPU run; ``SPIKINGBERT_MALLOC=0`` leaves
+malloc alone) raises glibc's mmap threshold to 32 MB and its trim threshold to 256 MB, so freed
+blocks are reused: the process keeps up to 256 MB of freed heap instead of returning it at once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+BLOCK = 256
+"""Neurons whose state a C loop keeps in a local array over all t steps."""
+
+MIN_SPLIT = 1 << 15
+"""Fewest (step, neuron) updates per thread worth a thread of its own."""
+
+_SOURCE = r"""
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define BLOCK %(block)d
+
+#define DEFINE_SCAN(NAME, REAL)                                                                  \
+static void NAME##_rows(const REAL *cur, int64_t cur_ts, int64_t cur_rs,                         \
+                        REAL *out, uint16_t *out_bf16, int64_t out_ts, int64_t out_rs,           \
+                        REAL *mem, REAL *wsum, const uint8_t *valid, int64_t *counts,            \
+                        int64_t T, int64_t r0, int64_t r1, int64_t W, REAL th, REAL leak)       \
+{                                                                                                \
+    const int leaky = leak != (REAL)1;                                                           \
+    REAL m[BLOCK], w[BLOCK];                                                                     \
+    for (int64_t r = r0; r < r1; ++r) {                                                          \
+        const int counted = counts != 0 && (valid == 0 || valid[r]);                             \
+        for (int64_t j0 = 0; j0 < W; j0 += BLOCK) {                                              \
+            const int64_t n = W - j0 < BLOCK ? W - j0 : BLOCK;                                   \
+            REAL *mp = mem + r * W + j0;                                                         \
+            REAL *wp = wsum ? wsum + r * W + j0 : 0;                                             \
+            for (int64_t j = 0; j < n; ++j) m[j] = mp[j];                                        \
+            if (wp) for (int64_t j = 0; j < n; ++j) w[j] = wp[j];                                \
+            for (int64_t t = 0; t < T; ++t) {                                                    \
+                const REAL *c = cur + t * cur_ts + r * cur_rs + j0;                              \
+                REAL *o = out + t * out_ts + r * out_rs + j0;                                    \
+                int64_t cnt = 0;                                                                 \
+                if (leaky) for (int64_t j = 0; j < n; ++j) m[j] = m[j] * leak;                   \
+                for (int64_t j = 0; j < n; ++j) {                                                \
+                    REAL u = m[j] + c[j];                                                        \
+                    REAL s = u > th ? (REAL)1 : (REAL)0;                                         \
+                    m[j] = u - s * th;                                                           \
+                    o[j] = s;                                                                    \
+                    cnt += u > th;                                                               \
+                }                                                                                \
+                if (out_bf16) {                                                                  \
+                    uint16_t *ob = out_bf16 + t * out_ts + r * out_rs + j0;                      \
+                    for (int64_t j = 0; j < n; ++j) ob[j] = o[j] != (REAL)0 ? 0x3F80 : 0;        \
+                }                                                                                \
+                if (wp) {                                                                        \
+                    if (leaky) for (int64_t j = 0; j < n; ++j) w[j] = w[j] * leak + o[j];        \
+                    else for (int64_t j = 0; j < n; ++j) w[j] = w[j] + o[j];                     \
+                }                                                                                \
+                if (counted) counts[t] += cnt;                                                   \
+            }                                                                                    \
+            for (int64_t j = 0; j < n; ++j) mp[j] = m[j];                                        \
+            if (wp) for (int64_t j = 0; j < n; ++j) wp[j] = w[j];                                \
+        }                                                                                        \
+    }                                                                                            \
+}                                                                                                \
+                                                                                                 \
+int NAME(const REAL *cur, int64_t cur_ts, int64_t cur_rs,                                       \
+         REAL *out, uint16_t *out_bf16, int64_t out_ts, int64_t out_rs,                          \
+         REAL *mem, REAL *wsum, const uint8_t *valid, int64_t *counts,                           \
+         int64_t T, int64_t R, int64_t W, double threshold, double leak, int threads)            \
+{                                                                                                \
+    int failed = 0;                                                                              \
+    _Pragma("omp parallel num_threads(threads) if(threads > 1)")                                 \
+    {                                                                                            \
+        int64_t *local = 0;                                                                      \
+        if (counts) {                                                                            \
+            local = (int64_t *)calloc((size_t)(T > 0 ? T : 1), sizeof(int64_t));                 \
+            if (!local) failed = 1;                                                              \
+        }                                                                                        \
+        _Pragma("omp for schedule(static)")                                                      \
+        for (int64_t r = 0; r < R; ++r)                                                          \
+            if (!counts || local)                                                                \
+                NAME##_rows(cur, cur_ts, cur_rs, out, out_bf16, out_ts, out_rs, mem, wsum,       \
+                            valid, local, T, r, r + 1, W, (REAL)threshold, (REAL)leak);          \
+        if (local) {                                                                             \
+            _Pragma("omp critical")                                                              \
+            for (int64_t t = 0; t < T; ++t) counts[t] += local[t];                               \
+            free(local);                                                                         \
+        }                                                                                        \
+    }                                                                                            \
+    return failed;                                                                               \
+}
+
+DEFINE_SCAN(scan_f32, float)
+DEFINE_SCAN(scan_f64, double)
+""" % {"block": BLOCK}
+
+_FLAGS = ["-O3", "-std=gnu99", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math"]
+
+
+def _cpu_tag() -> str:
+    """What the compiled code depends on: the instruction set (built with -march=native)."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    flags = line
+                    break
+    except OSError:
+        pass
+    return platform.machine() + platform.system() + flags
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("SPIKINGBERT_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "spikingbert_sim"
+
+
+def _build(directory: Path, flags: list[str]) -> Path:
+    """Compile the source into ``directory`` (atomically) unless it is there; return the library."""
+    compiler = os.environ.get("CC") or "cc"
+    if shutil.which(compiler) is None:
+        raise OSError(f"no C compiler ({compiler!r}) on PATH")
+    key = hashlib.sha256("\0".join([_SOURCE, compiler, *flags, _cpu_tag(), sys.version]).encode()).hexdigest()[:16]
+    lib = directory / f"scan-{key}.so"
+    if lib.exists():
+        return lib
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=directory) as tmp:
+        src = Path(tmp) / "scan.c"
+        src.write_text(_SOURCE)
+        built = Path(tmp) / "scan.so"
+        proc = subprocess.run([compiler, *flags, str(src), "-o", str(built)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise OSError(f"{compiler} failed: {proc.stderr.strip().splitlines()[-1:] or proc.returncode}")
+        os.replace(built, lib)  # atomic: another process sees the whole library or none
+    return lib
+
+
+@functools.lru_cache(maxsize=None)
+def _library():
+    """The loaded library, or None (no compiler, a failed build, or SPIKINGBERT_NATIVE=0)."""
+    if os.environ.get("SPIKINGBERT_NATIVE", "1") == "0":
+        return None
+    errors = []
+    for directory in (cache_dir(), Path(tempfile.gettempdir()) / f"spikingbert_sim-{os.getuid()}"):
+        # OpenMP (the process's libgomp, which PyTorch already loaded) and -march=native where the
+        # compiler has them
+        for flags in (_FLAGS + ["-fopenmp", "-march=native"], _FLAGS + ["-march=native"], _FLAGS):
+            try:
+                lib = ctypes.CDLL(str(_build(directory, flags)))
+            except OSError as e:
+                errors.append(str(e))
+                continue
+            args = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                    ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                    ctypes.c_double, ctypes.c_double, ctypes.c_int]
+            for fn in (lib.scan_f32, lib.scan_f64):
+                fn.argtypes, fn.restype = args, ctypes.c_int
+            return lib
+    warnings.warn("spikingbert_sim: the compiled CPU scan is unavailable, using PyTorch's "
+                  f"(slower; {errors[-1] if errors else 'unknown error'})", RuntimeWarning, stacklevel=3)
+    return None
+
+
+def available() -> bool:
+    """Whether :func:`scan` runs (a C compiler built the kernel, and it is not switched off)."""
+    return _library() is not None
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc <malloc.h>
+MMAP_THRESHOLD = 32 << 20  # glibc's largest allowed value on 64-bit systems
+TRIM_THRESHOLD = 256 << 20
+
+
+@functools.lru_cache(maxsize=None)
+def tune_malloc() -> bool:
+    """Keep glibc from returning the engine's freed multi-megabyte blocks to the OS between
+    chunks (see the module's notes); once per process. True when the settings took effect."""
+    if os.environ.get("SPIKINGBERT_MALLOC", "1") == "0" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def scan(current: Tensor, mem: Tensor, *, threshold: float = 1.0, leak: float = 1.0,
+         out: Tensor | None = None, out_bf16: Tensor | None = None, weighted: Tensor | None = None,
+         counts: Tensor | None = None, valid: Tensor | None = None) -> Tensor:
+    """Run the neuron over ``current`` (t, R, W) from membrane ``mem`` (R, W), updating ``mem``.
+
+    ``current`` may be a stride-0 expansion over t and a column slice of a wider tensor (rows of
+    stride ≥ W, contiguous last axis); ``out`` (t, R, W) likewise (allocated when None), and
+    ``out_bf16`` (same strides as ``out``) receives the spikes as bf16. ``weighted`` (R, W),
+    contiguous, is updated to γ·weighted + s at every step; ``counts`` (t,) int64 gets, at each
+    step, the number of spikes at rows where ``valid`` (R,) is nonzero (all rows when None).
+    ``mem`` must be contiguous and of ``current``'s dtype (float32 or float64). Returns ``out``.
+    """
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("the compiled scan is unavailable (see native.available())")
+    T, R, W = current.shape
+    dtype = current.dtype
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"the compiled scan runs float32 or float64, not {dtype}")
+    if out is None:
+        out = torch.empty((T, R, W), dtype=dtype)
+    for name, t in (("current", current), ("out", out)):
+        if t.device.type != "cpu" or t.dtype != dtype or t.shape != (T, R, W) or (W > 1 and t.stride(2) != 1):
+            raise ValueError(f"{name} must be a CPU {dtype} (t, R, W) tensor with a contiguous last axis")
+    if out_bf16 is not None and (out_bf16.dtype != torch.bfloat16 or out_bf16.stride() != out.stride()
+                                 or out_bf16.shape != out.shape):
+        raise ValueError("out_bf16 must be bf16 with out's shape and strides")
+    for name, t in (("mem", mem), ("weighted", weighted)):
+        if t is not None and (t.dtype != dtype or t.shape != (R, W) or not t.is_contiguous()):
+            raise ValueError(f"{name} must be a contiguous {dtype} (R, W) tensor")
+    if counts is not None and (counts.dtype != torch.int64 or counts.shape != (T,)):
+        raise ValueError("counts must be an int64 (t,) tensor")
+    if valid is not None:
+        valid = valid.reshape(R).to(torch.uint8).contiguous()
+    fn = lib.scan_f32 if dtype == torch.float32 else lib.scan_f64
+    threads = max(1, min(torch.get_num_threads(), R, (T * R * W) // MIN_SPLIT))
+    failed = fn(current.data_ptr(), current.stride(0), current.stride(1),
+                out.data_ptr(), _ptr(out_bf16), out.stride(0), out.stride(1),
+                mem.data_ptr(), _ptr(weighted), _ptr(valid), _ptr(counts),
+                T, R, W, float(threshold), float(leak), threads)
+    if failed:
+        raise MemoryError("the compiled scan could not allocate its step counts")
+    return out

@@ -1,0 +1,180 @@
+"""The compiled CPU scan: equal to PyTorch's scan bit for bit, its statistics, its layouts, its
+fallback, and the multi-step engine with and without it."""
+
+import pytest
+import torch
+
+from spikingbert_sim import engine, kernels, native
+from spikingbert_sim.engine import EngineOptions, simulate_multistep
+from spikingbert_sim.simulation import RecordOptions, simulate
+from test_engine import assert_same, batch  # noqa: F401  (batch: a fixture, padded)
+
+needs_native = pytest.mark.skipif(not native.available(), reason="no C compiler: the compiled scan is off")
+T = 13
+
+
+def currents(t, r, w, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(t, r, w, generator=g, dtype=torch.float64) * 0.8 + 0.35).to(dtype)
+
+
+def reference_stats(spikes, valid, leak, weighted0):
+    """What the recorder computes from the spikes: valid spikes per step, Σ γ^{t-τ} s[τ]."""
+    counts = (spikes * valid.view(1, -1, 1).to(spikes.dtype)).sum((1, 2)).to(torch.int64)
+    w = weighted0.clone()
+    for s in spikes:
+        w = w * leak + s if leak != 1.0 else w + s
+    return counts, w
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("threshold, leak", [(1.0, 1.0), (0.7, 0.9), (0.3, 0.95)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_scan_equals_torch_scan_bitwise(dtype, threshold, leak, threads):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        R, W = 300, 70  # W not a multiple of the vector width; R split unevenly over threads
+        cur = currents(T, R, W, dtype)
+        mem0 = (torch.randn(R, W, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 0.2).to(dtype)
+        ref_spikes, ref_mem = kernels.scan_torch(cur, threshold, leak, mem0)
+        valid = torch.rand(R, generator=torch.Generator().manual_seed(2)) < 0.7
+        w0 = torch.rand(R, W, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(dtype)
+        ref_counts, ref_w = reference_stats(ref_spikes, valid, leak, w0)
+
+        mem, w = mem0.clone(), w0.clone()
+        counts = torch.full((T,), 5, dtype=torch.int64)  # counts are added to what is there
+        low = torch.empty(T, R, W, dtype=torch.bfloat16)
+        spikes = native.scan(cur, mem, threshold=threshold, leak=leak, out_bf16=low, weighted=w,
+                             counts=counts, valid=valid)
+        assert torch.equal(spikes, ref_spikes)
+        assert torch.equal(mem, ref_mem)
+        assert torch.equal(low.to(dtype), ref_spikes)
+        assert torch.equal(w, ref_w)
+        assert torch.equal(counts, ref_counts + 5)
+        assert 0.05 < float(ref_spikes.mean()) < 0.95  # neither silent nor saturated
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_native
+def test_scan_reads_and_writes_column_slices_and_constant_currents():
+    R, W = 40, 24
+    wide = currents(T, R, 3 * W, torch.float32, seed=4)
+    out = torch.full((T, R, 2 * W), 7.0)
+    mem = torch.zeros(R, W)
+    native.scan(wide[..., W:2 * W], mem, out=out[..., :W])  # rows of stride 3W in, 2W out
+    ref, _ = kernels.scan_torch(wide[..., W:2 * W].contiguous(), 1.0, 1.0, None)
+    assert torch.equal(out[..., :W], ref)
+    assert torch.equal(out[..., W:], torch.full((T, R, W), 7.0))  # the other columns untouched
+
+    const = currents(1, R, W, torch.float64, seed=5)[0]
+    expanded = const.expand(T, R, W)  # stride 0 over time, as the input layer's current
+    assert expanded.stride(0) == 0
+    ref, ref_mem = kernels.scan_torch(expanded, 1.0, 1.0, None)
+    mem = torch.zeros(R, W, dtype=torch.float64)
+    assert torch.equal(native.scan(expanded, mem), ref)
+    assert torch.equal(mem, ref_mem)
+
+
+@needs_native
+def test_scan_carries_the_membrane_across_calls():
+    cur = currents(T, 16, 8, torch.float64, seed=6)
+    whole, _ = kernels.scan_torch(cur, 1.0, 0.9, None)
+    mem = torch.zeros(16, 8, dtype=torch.float64)
+    parts = [native.scan(cur[a:b], mem, leak=0.9) for a, b in ((0, 5), (5, 6), (6, T))]
+    assert torch.equal(torch.cat(parts), whole)
+
+
+@needs_native
+@pytest.mark.parametrize("bad, match", [
+    (dict(current=torch.zeros(2, 3, 4, dtype=torch.float16)), "float32 or float64"),
+    (dict(mem=torch.zeros(3, 5)), "mem must be"),
+    (dict(mem=torch.zeros(4, 3).t()), "mem must be"),
+    (dict(weighted=torch.zeros(3, 4, dtype=torch.float64)), "weighted must be"),
+    (dict(counts=torch.zeros(2, dtype=torch.int32)), "counts must be"),
+    (dict(out=torch.zeros(2, 4, 3).transpose(1, 2)), "out must be"),
+    (dict(out_bf16=torch.zeros(2, 3, 4)), "out_bf16 must be"),
+])
+def test_scan_rejects_bad_arguments(bad, match):
+    args = dict(current=torch.zeros(2, 3, 4), mem=torch.zeros(3, 4))
+    args.update(bad)
+    with pytest.raises(ValueError, match=match):
+        native.scan(args.pop("current"), args.pop("mem"), **args)
+
+
+def test_switched_off_or_without_a_compiler_it_is_unavailable(monkeypatch, tmp_path):
+    try:
+        native._library.cache_clear()
+        monkeypatch.setenv("SPIKINGBERT_NATIVE", "0")
+        assert not native.available()
+        with pytest.raises(RuntimeError, match="unavailable"):
+            native.scan(torch.zeros(1, 1, 1), torch.zeros(1, 1))
+
+        native._library.cache_clear()
+        monkeypatch.setenv("SPIKINGBERT_NATIVE", "1")
+        monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+        monkeypatch.setenv("SPIKINGBERT_CACHE", str(tmp_path / "cache"))
+        with pytest.warns(RuntimeWarning, match="compiled CPU scan is unavailable"):
+            assert not native.available()
+    finally:
+        monkeypatch.undo()
+        native._library.cache_clear()
+
+
+@needs_native
+def test_build_is_cached_and_written_once(monkeypatch, tmp_path):
+    try:
+        monkeypatch.setenv("SPIKINGBERT_CACHE", str(tmp_path))
+        native._library.cache_clear()
+        assert native.available()
+        built = sorted(p.name for p in tmp_path.iterdir())
+        assert len(built) == 1 and built[0].startswith("scan-") and built[0].endswith(".so")
+        stamp = (tmp_path / built[0]).stat().st_mtime_ns
+        native._library.cache_clear()
+        assert native.available()  # loads the cached library, no second build
+        assert sorted(p.name for p in tmp_path.iterdir()) == built
+        assert (tmp_path / built[0]).stat().st_mtime_ns == stamp
+    finally:
+        monkeypatch.undo()
+        native._library.cache_clear()
+
+
+# --- the engine with and without the compiled scan --------------------------------------------
+
+@needs_native
+@pytest.mark.parametrize("mode, overrides, padded", [("fp", {}, True), ("ternary", {}, True),
+                                                    ("binary", dict(leak=0.9, threshold=0.7), True),
+                                                    ("ternary", {}, False)])
+def test_engine_with_and_without_the_compiled_scan_equals_the_reference(make_model, batch, monkeypatch,
+                                                                        mode, overrides, padded):
+    model = make_model(mode, **overrides).double()
+    ids, mask = batch
+    if not padded:
+        mask = torch.ones_like(mask)
+    rec = RecordOptions(per_neuron=True, sites=("layer.1.intermediate",), logits_trace=True,
+                        raster_sites=("layer.0.value", "layer.1.output"), raster_sequences=(0, 2),
+                        raster_tokens=(1, 3), raster_neurons=5)
+    opts = EngineOptions(backend="torch", chunk_steps=5)
+    compiled = simulate_multistep(model, ids, mask, timesteps=T, record=rec, options=opts)
+    monkeypatch.setattr(engine.native, "available", lambda: False)
+    plain = simulate_multistep(model, ids, mask, timesteps=T, record=rec, options=opts)
+    ref = simulate(model, ids, mask, timesteps=T, engine="reference", record=rec)
+    for result in (compiled, plain):
+        assert_same(result, ref)
+        for site in ref.rasters:
+            assert torch.equal(result.rasters[site], ref.rasters[site]), site
+        for site in ref.neuron_asr_trace:
+            assert torch.equal(result.neuron_asr_trace[site], ref.neuron_asr_trace[site]), site
+    assert compiled.rasters and compiled.neuron_asr_trace
+    assert torch.equal(compiled.logits_trace, ref.logits_trace)
+
+
+def test_tune_malloc_is_switchable(monkeypatch):
+    monkeypatch.setenv("SPIKINGBERT_MALLOC", "0")
+    assert native.tune_malloc.__wrapped__() is False
+    monkeypatch.delenv("SPIKINGBERT_MALLOC")
+    import platform
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert native.tune_malloc.__wrapped__() is True  # glibc accepts both settings
