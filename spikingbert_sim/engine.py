@@ -206,22 +206,30 @@ class _ExactLinear:
         self.splits = [m.out_features for m in modules]
         self.scales = [s.to(device=device, dtype=dtype) for s in scales]
         self.biases = [m.bias for m in modules]
+        # every column's scale (and bias) as one row: one multiply (and one add) for all modules
+        self.scale_row = torch.cat([s.expand(n) for s, n in zip(self.scales, self.splits)])
+        self.bias_row = None if any(b is None for b in self.biases) else \
+            torch.cat([b.detach().to(device=device, dtype=dtype) for b in self.biases])
 
     def product(self, x: Tensor, low: Tensor | None = None) -> Tensor:
-        """``x @ valuesᵀ``; ``low``: the same 0/1 spikes already in bf16 (saves a conversion)."""
+        """``x @ valuesᵀ``, exact; ``low``: the same 0/1 spikes already in bf16 (saves a
+        conversion). On the CPU the result may be bf16 (exact integers)."""
         if self.cpu:
-            return kernels.exact_product_cpu(x, self.values, low)
+            return kernels.exact_product_cpu(x, self.values, low, keep_bf16=True)
         return F.linear(x, self.values)
 
     def currents(self, x: Tensor, low: Tensor | None = None) -> Tensor:
-        """Binary/ternary: every module's current side by side, (..., Σ out_features)."""
+        """Binary/ternary: every module's current side by side, (..., Σ out_features), with
+        QuantLinear's roundings: ``(x @ Vᵀ)·s``, then ``+ b``."""
         acc = self.product(x, low)
-        # in place on the fresh accumulator: the same two roundings as ``part * s + b``
-        for part, s, b in zip(acc.split(self.splits, dim=-1), self.scales, self.biases):
-            part.mul_(s)
+        # a bf16 accumulator is converted to x's dtype (exactly: small integers) in the multiply
+        out = torch.mul(acc, self.scale_row)
+        if self.bias_row is not None:
+            return out.add_(self.bias_row)
+        for part, b in zip(out.split(self.splits, dim=-1), self.biases):
             if b is not None:
                 part.add_(b)
-        return acc
+        return out
 
     def __call__(self, x: Tensor, low: Tensor | None = None) -> list[Tensor]:
         if not self.exact:
@@ -249,6 +257,7 @@ class _TorchRun:
         self.threshold, self.leak = cfg.threshold, cfg.leak
         self.mems: dict[str, Tensor] = {}
         dt, dev = embedded.dtype, embedded.device
+        self.dtype = dt
         self.linears = [
             dict(kvq=_ExactLinear([layer.key, layer.value, layer.query], dt, dev),
                  o=_ExactLinear([layer.attention_output], dt, dev),
@@ -274,8 +283,12 @@ class _TorchRun:
         self.done = 0
 
     def scan(self, sites: tuple[str, ...], current: Tensor, bf16: bool = False):
-        """Scan ``current`` (t, B, L, ΣW) for one or more sites laid side by side. Returns the
-        spikes, or (spikes, their bf16 copy or None) when ``bf16`` is asked for."""
+        """Scan ``current`` (t, B, L, ΣW) for one or more sites laid side by side.
+
+        ``bf16``: the spikes feed an exact product (and residual sums) only; where the compiled
+        scan runs and the weights are binary/ternary they are then written as bf16 alone (0 and 1
+        are exact in bf16, and a float tensor plus bf16 spikes rounds as plus float spikes).
+        Returns the spikes, or (spikes, their bf16 form or None) when ``bf16`` is asked for."""
         if self.native:
             spikes, low = self._scan_native(sites, current, bf16 and self.bf16)
         else:
@@ -289,13 +302,13 @@ class _TorchRun:
             w = self.model.site_width(s)
             part = spikes if len(sites) == 1 else spikes[..., c0:c0 + w]
             if not self.native or self.state[s].counts is None:
-                rec.block(s, part)  # statistics (and per-neuron traces) from the spikes
+                rec.block(s, part.to(self.dtype))  # statistics (and per-neuron traces) from the spikes
             else:  # statistics were counted in the scan: only rasters and the readout remain
                 rec.raster(s, part)
                 if s == self.model.output_site and rec.track_readout:
                     rec.readout_block(part)
             if hook is not None:
-                hook(s, self.t0, part)
+                hook(s, self.t0, part.to(self.dtype))
             c0 += w
         return (spikes, low) if bf16 else spikes
 
@@ -303,7 +316,8 @@ class _TorchRun:
         t = current.shape[0]
         cur = current.reshape(t, self.R, current.shape[-1]) if current.stride(0) else \
             current[:1].reshape(1, self.R, current.shape[-1]).expand(t, -1, -1)
-        out = torch.empty(cur.shape, dtype=cur.dtype)
+        # bf16 alone where only products and residual sums read the spikes
+        out = None if bf16 else torch.empty(cur.shape, dtype=cur.dtype)
         low = torch.empty(cur.shape, dtype=torch.bfloat16) if bf16 else None
         c0 = 0
         for s in sites:
@@ -311,12 +325,15 @@ class _TorchRun:
             st = self.state[s]
             cols = slice(c0, c0 + w)
             native.scan(cur[..., cols], st.mem, threshold=self.threshold, leak=self.leak,
-                        out=out[..., cols], out_bf16=None if low is None else low[..., cols],
+                        out=None if out is None else out[..., cols], float_out=out is not None,
+                        out_bf16=None if low is None else low[..., cols],
                         weighted=st.weighted, valid=self.valid,
                         counts=None if st.counts is None else st.counts[self.t0:self.t0 + t])
             c0 += w
         shape = (t, self.B, self.L, -1)
-        return out.view(shape), None if low is None else low.view(shape)
+        if low is None:
+            return out.view(shape), None
+        return low.view(shape), low.view(shape)
 
     def layer(self, layer: SpikingEncoderLayer, lin: dict, x: Tensor, x16: Tensor | None) -> tuple[Tensor, Tensor | None]:
         D = self.model.config.hidden_size

@@ -402,19 +402,23 @@ def cublas_shape_ok(operand: str, M: int, K: int, N: int) -> bool:
     return True
 
 
-def exact_product_cpu(x: Tensor, values_bf16: Tensor, x_bf16: Tensor | None = None) -> Tensor:
+def exact_product_cpu(x: Tensor, values_bf16: Tensor, x_bf16: Tensor | None = None,
+                      keep_bf16: bool = False) -> Tensor:
     """Exact ``x @ valuesᵀ`` for 0/1 ``x`` and integer ``values`` (|v| ≤ 1), via bf16 products.
 
     bf16 products accumulate in fp32 and round the output to bf16, which holds every integer up to
     256; so K is cut into slices of at most 256 and the slices summed in x's dtype — all exact, so
     the result equals ``F.linear(x, values)`` in float32 or float64 bit for bit, at about three
     times the speed of an fp32 product on CPUs with bf16 instructions. ``x``: (..., K);
-    ``x_bf16``: the same values already in bf16, if the caller has them.
+    ``x_bf16``: the same values already in bf16, if the caller has them. ``keep_bf16``: where one
+    product suffices (K ≤ 256), return its exact bf16 result unconverted (a caller that multiplies
+    it by a scale in x's dtype converts it in the same pass).
     """
     K = x.shape[-1]
     xb = x.to(torch.bfloat16) if x_bf16 is None else x_bf16
     if K <= EXACT_BF16_K:
-        return F.linear(xb, values_bf16).to(x.dtype)
+        out = F.linear(xb, values_bf16)
+        return out if keep_bf16 else out.to(x.dtype)
     out = None
     for k0 in range(0, K, EXACT_BF16_K):
         part = F.linear(xb[..., k0:k0 + EXACT_BF16_K], values_bf16[:, k0:k0 + EXACT_BF16_K]).to(x.dtype)

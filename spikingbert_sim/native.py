@@ -80,23 +80,19 @@ static void NAME##_rows(const REAL *cur, int64_t cur_ts, int64_t cur_rs,        
             if (wp) for (int64_t j = 0; j < n; ++j) w[j] = wp[j];                                \
             for (int64_t t = 0; t < T; ++t) {                                                    \
                 const REAL *c = cur + t * cur_ts + r * cur_rs + j0;                              \
-                REAL *o = out + t * out_ts + r * out_rs + j0;                                    \
+                REAL *o = out ? out + t * out_ts + r * out_rs + j0 : 0;                          \
+                uint16_t *ob = out_bf16 ? out_bf16 + t * out_ts + r * out_rs + j0 : 0;           \
                 int64_t cnt = 0;                                                                 \
                 if (leaky) for (int64_t j = 0; j < n; ++j) m[j] = m[j] * leak;                   \
                 for (int64_t j = 0; j < n; ++j) {                                                \
                     REAL u = m[j] + c[j];                                                        \
-                    REAL s = u > th ? (REAL)1 : (REAL)0;                                         \
+                    int fired = u > th;                                                          \
+                    REAL s = fired ? (REAL)1 : (REAL)0;                                          \
                     m[j] = u - s * th;                                                           \
-                    o[j] = s;                                                                    \
-                    cnt += u > th;                                                               \
-                }                                                                                \
-                if (out_bf16) {                                                                  \
-                    uint16_t *ob = out_bf16 + t * out_ts + r * out_rs + j0;                      \
-                    for (int64_t j = 0; j < n; ++j) ob[j] = o[j] != (REAL)0 ? 0x3F80 : 0;        \
-                }                                                                                \
-                if (wp) {                                                                        \
-                    if (leaky) for (int64_t j = 0; j < n; ++j) w[j] = w[j] * leak + o[j];        \
-                    else for (int64_t j = 0; j < n; ++j) w[j] = w[j] + o[j];                     \
+                    if (o) o[j] = s;                                                             \
+                    if (ob) ob[j] = fired ? 0x3F80 : 0;                                          \
+                    if (wp) w[j] = (leaky ? w[j] * leak : w[j]) + s;                             \
+                    cnt += fired;                                                                \
                 }                                                                                \
                 if (counted) counts[t] += cnt;                                                   \
             }                                                                                    \
@@ -241,16 +237,19 @@ def _ptr(t: Tensor | None) -> int | None:
 
 
 def scan(current: Tensor, mem: Tensor, *, threshold: float = 1.0, leak: float = 1.0,
-         out: Tensor | None = None, out_bf16: Tensor | None = None, weighted: Tensor | None = None,
-         counts: Tensor | None = None, valid: Tensor | None = None) -> Tensor:
+         out: Tensor | None = None, out_bf16: Tensor | None = None, float_out: bool = True,
+         weighted: Tensor | None = None, counts: Tensor | None = None,
+         valid: Tensor | None = None) -> Tensor:
     """Run the neuron over ``current`` (t, R, W) from membrane ``mem`` (R, W), updating ``mem``.
 
     ``current`` may be a stride-0 expansion over t and a column slice of a wider tensor (rows of
     stride ≥ W, contiguous last axis); ``out`` (t, R, W) likewise (allocated when None), and
-    ``out_bf16`` (same strides as ``out``) receives the spikes as bf16. ``weighted`` (R, W),
+    ``out_bf16`` (same strides as ``out``) receives the spikes as bf16. With ``float_out=False``
+    only ``out_bf16`` is written (no spikes in ``current``'s dtype). ``weighted`` (R, W),
     contiguous, is updated to γ·weighted + s at every step; ``counts`` (t,) int64 gets, at each
     step, the number of spikes at rows where ``valid`` (R,) is nonzero (all rows when None).
-    ``mem`` must be contiguous and of ``current``'s dtype (float32 or float64). Returns ``out``.
+    ``mem`` must be contiguous and of ``current``'s dtype (float32 or float64). Returns the
+    spikes: ``out``, or ``out_bf16`` without ``float_out``.
     """
     lib = _library()
     if lib is None:
@@ -259,14 +258,16 @@ def scan(current: Tensor, mem: Tensor, *, threshold: float = 1.0, leak: float = 
     dtype = current.dtype
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"the compiled scan runs float32 or float64, not {dtype}")
-    if out is None:
+    if not float_out and (out is not None or out_bf16 is None):
+        raise ValueError("float_out=False writes out_bf16 only: pass out_bf16 and no out")
+    if out is None and float_out:
         out = torch.empty((T, R, W), dtype=dtype)
-    for name, t in (("current", current), ("out", out)):
-        if t.device.type != "cpu" or t.dtype != dtype or t.shape != (T, R, W) or (W > 1 and t.stride(2) != 1):
-            raise ValueError(f"{name} must be a CPU {dtype} (t, R, W) tensor with a contiguous last axis")
-    if out_bf16 is not None and (out_bf16.dtype != torch.bfloat16 or out_bf16.stride() != out.stride()
-                                 or out_bf16.shape != out.shape):
-        raise ValueError("out_bf16 must be bf16 with out's shape and strides")
+    for name, t, want in (("current", current, dtype), ("out", out, dtype), ("out_bf16", out_bf16, torch.bfloat16)):
+        if t is not None and (t.device.type != "cpu" or t.dtype != want or t.shape != (T, R, W)
+                              or (W > 1 and t.stride(2) != 1)):
+            raise ValueError(f"{name} must be a CPU {want} (t, R, W) tensor with a contiguous last axis")
+    if out is not None and out_bf16 is not None and out_bf16.stride() != out.stride():
+        raise ValueError("out_bf16 must have out's strides")
     for name, t in (("mem", mem), ("weighted", weighted)):
         if t is not None and (t.dtype != dtype or t.shape != (R, W) or not t.is_contiguous()):
             raise ValueError(f"{name} must be a contiguous {dtype} (R, W) tensor")
@@ -276,10 +277,11 @@ def scan(current: Tensor, mem: Tensor, *, threshold: float = 1.0, leak: float = 
         valid = valid.reshape(R).to(torch.uint8).contiguous()
     fn = lib.scan_f32 if dtype == torch.float32 else lib.scan_f64
     threads = max(1, min(torch.get_num_threads(), R, (T * R * W) // MIN_SPLIT))
+    layout = out if out is not None else out_bf16
     failed = fn(current.data_ptr(), current.stride(0), current.stride(1),
-                out.data_ptr(), _ptr(out_bf16), out.stride(0), out.stride(1),
+                _ptr(out), _ptr(out_bf16), layout.stride(0), layout.stride(1),
                 mem.data_ptr(), _ptr(weighted), _ptr(valid), _ptr(counts),
                 T, R, W, float(threshold), float(leak), threads)
     if failed:
         raise MemoryError("the compiled scan could not allocate its step counts")
-    return out
+    return out if float_out else out_bf16
