@@ -18,8 +18,14 @@ def _load(name: str):
 def test_simulate_profile_reports_product_share_and_bound(capsys):
     sim = _load("simulate")
     r = sim.main(["--device", "cpu", "--config", "tiny", "--batch", "2", "--timesteps", "6", "--seq-len", "8",
-                  "--repeats", "1", "--threads", "1", "--profile"])
+                  "--repeats", "1", "--threads", "1", "--profile", "--compare-native"])
     assert r["spike_mismatch"] == 0 and r["logits_max_abs_diff"] == 0.0
+    from spikingbert_sim import native
+    assert r["native_scan"] is native.available()
+    if native.available():
+        assert r["fast_native_scan_s"] > 0 and r["fast_without_native_seq_steps_per_s"] > 0
+        assert r["native_speedup"] == pytest.approx(r["fast_seq_steps_per_s"] / r["fast_without_native_seq_steps_per_s"])
+        assert native.scan.__name__ == "scan"  # the timing wrapper is gone, the compiled scan is back on
     assert 0 < r["fast_product_s"] < r["fast_profiled_s"]
     assert 0 < r["reference_product_share"] < 1
     assert r["fast_product_share"] == pytest.approx(r["fast_product_s"] / r["fast_profiled_s"])
