@@ -266,10 +266,12 @@ def main(argv=None) -> dict:
         if a.compare_native and native.available():
             os.environ["SPIKINGBERT_NATIVE"] = "0"
             native._library.cache_clear()
-            fast()
-            times = timed(fast, dev, fast_repeats)
-            os.environ.pop("SPIKINGBERT_NATIVE")
-            native._library.cache_clear()
+            try:
+                fast()
+                times = timed(fast, dev, fast_repeats)
+            finally:  # the compiled scan back on, whatever happened
+                os.environ.pop("SPIKINGBERT_NATIVE")
+                native._library.cache_clear()
             result["fast_without_native_seq_steps_per_s"] = seq_steps / statistics.median(times)
             result["native_speedup"] = statistics.median(times) / statistics.median(t_fast)
     lin, att = flops_per_sequence_step(model, L)

@@ -204,10 +204,9 @@ class _ExactLinear:
         self.cpu = device.type == "cpu"
         self.values = torch.cat(values).to(device=device, dtype=torch.bfloat16 if self.cpu else dtype)
         self.splits = [m.out_features for m in modules]
-        self.scales = [s.to(device=device, dtype=dtype) for s in scales]
         self.biases = [m.bias for m in modules]
         # every column's scale (and bias) as one row: one multiply (and one add) for all modules
-        self.scale_row = torch.cat([s.expand(n) for s, n in zip(self.scales, self.splits)])
+        self.scale_row = torch.cat([s.to(device=device, dtype=dtype).expand(n) for s, n in zip(scales, self.splits)])
         self.bias_row = None if any(b is None for b in self.biases) else \
             torch.cat([b.detach().to(device=device, dtype=dtype) for b in self.biases])
 
@@ -275,11 +274,8 @@ class _TorchRun:
         if self.native:
             self.valid = None if recorder.all_valid else recorder.mask.reshape(-1)
             self.state = {s: kernels.ScanState(self.R, model.site_width(s), timesteps, dev, dt,
-                                               stats=s not in full)
+                                               stats=s not in full, counts_dtype=torch.int64)
                           for s in model.site_names()}
-            for st in self.state.values():
-                if st.counts is not None:
-                    st.counts = st.counts.to(torch.int64)
         self.done = 0
 
     def scan(self, sites: tuple[str, ...], current: Tensor, bf16: bool = False):

@@ -81,14 +81,15 @@ class ScanState:
     """State of one spiking site between time chunks of a scan.
 
     mem: (R, W) membrane; weighted: (R, W) ASR numerator Σ γ^{t-τ} s[τ] (or None: not tracked);
-    counts: (T,) int32 spikes of valid tokens per step (or None).
+    counts: (T,) spikes of valid tokens per step (or None), int32 (the Triton scan) or int64 (the
+    compiled CPU scan).
     """
 
     def __init__(self, rows: int, width: int, timesteps: int, device, dtype=torch.float32,
-                 stats: bool = True) -> None:
+                 stats: bool = True, counts_dtype: torch.dtype = torch.int32) -> None:
         self.mem = torch.zeros(rows, width, device=device, dtype=dtype)
         self.weighted = torch.zeros(rows, width, device=device, dtype=dtype) if stats else None
-        self.counts = torch.zeros(timesteps, device=device, dtype=torch.int32) if stats else None
+        self.counts = torch.zeros(timesteps, device=device, dtype=counts_dtype) if stats else None
 
 
 def epilogue_torch(current: Tensor, *, scale: Tensor | None = None, bias: Tensor | None = None,
