@@ -21,4 +21,11 @@ spikesim train "${common[@]}" --weights fp --stage predict --max-steps 234 --eva
 # 3. fine-tuning on the true labels (the paper's last stage) from step 2's student, 3 epochs
 spikesim train "${common[@]}" --weights fp --stage finetune --max-steps 234 --eval-every 78 --eval-timesteps 80 \
     --init "$R/rte/fp-pred/last.pt" --out "$R/rte/fp-ft"
-# The quantized students were not trained.
+# 4. 1.58-bit and 1-bit students from step 3's best: intermediate KD (1 epoch), then fine-tuning on the
+#    true labels (2 epochs), as CoLA's step 5
+for w in ternary binary; do
+  spikesim train "${common[@]}" --weights $w --stage kd --max-steps 78 "${kd_eval[@]}" \
+      --init "$R/rte/fp-ft/best.pt" --out "$R/rte/$w-kd"
+  spikesim train "${common[@]}" --weights $w --stage finetune --max-steps 156 --eval-every 78 --eval-timesteps 80 \
+      --init "$R/rte/$w-kd/last.pt" --out "$R/rte/$w-ft"
+done

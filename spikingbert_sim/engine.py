@@ -209,6 +209,10 @@ class _ExactLinear:
         self.scale_row = torch.cat([s.to(device=device, dtype=dtype).expand(n) for s, n in zip(scales, self.splits)])
         self.bias_row = None if any(b is None for b in self.biases) else \
             torch.cat([b.detach().to(device=device, dtype=dtype) for b in self.biases])
+        # the compiled CPU kernels apply scale, bias (and a residual) to a bf16 accumulator in one
+        # pass, or inside the neuron scan, with the same roundings
+        self.native = self.cpu and dtype in (torch.float32, torch.float64) and native.available() \
+            and (self.bias_row is not None or all(b is None for b in self.biases))
 
     def product(self, x: Tensor, low: Tensor | None = None) -> Tensor:
         """``x @ valuesᵀ``, exact; ``low``: the same 0/1 spikes already in bf16 (saves a
@@ -217,32 +221,42 @@ class _ExactLinear:
             return kernels.exact_product_cpu(x, self.values, low, keep_bf16=True)
         return F.linear(x, self.values)
 
-    def currents(self, x: Tensor, low: Tensor | None = None) -> Tensor:
+    def currents(self, x: Tensor, low: Tensor | None = None, residual: Tensor | None = None,
+                 acc: Tensor | None = None, cols: slice = slice(None)) -> Tensor:
         """Binary/ternary: every module's current side by side, (..., Σ out_features), with
-        QuantLinear's roundings: ``(x @ Vᵀ)·s``, then ``+ b``."""
-        acc = self.product(x, low)
+        QuantLinear's roundings: ``(x @ Vᵀ)·s``, then ``+ b``; then ``+ residual`` if given (as
+        the reference adds a residual to one module's output). ``acc``: the product, if the
+        caller has it; ``cols``: only these columns of it."""
+        acc = self.product(x, low) if acc is None else acc
+        if self.native and acc.dtype == torch.bfloat16 and (residual is None or residual.dtype == torch.bfloat16):
+            # one pass, the same roundings
+            return native.affine(acc[..., cols], self.scale_row[cols],
+                                 None if self.bias_row is None else self.bias_row[cols], residual)
         # a bf16 accumulator is converted to x's dtype (exactly: small integers) in the multiply
         out = torch.mul(acc, self.scale_row)
         if self.bias_row is not None:
-            return out.add_(self.bias_row)
-        for part, b in zip(out.split(self.splits, dim=-1), self.biases):
-            if b is not None:
-                part.add_(b)
-        return out
+            out.add_(self.bias_row)
+        else:
+            for part, b in zip(out.split(self.splits, dim=-1), self.biases):
+                if b is not None:
+                    part.add_(b)
+        out = out[..., cols]
+        return out if residual is None else out.add_(residual)
 
-    def __call__(self, x: Tensor, low: Tensor | None = None) -> list[Tensor]:
+    def __call__(self, x: Tensor, low: Tensor | None = None, residual: Tensor | None = None) -> list[Tensor]:
         if not self.exact:
-            return [m(x) for m in self.modules]
-        return list(self.currents(x, low).split(self.splits, dim=-1))
+            outs = [m(x) for m in self.modules]
+            return outs if residual is None else [o.add_(residual) for o in outs]
+        return list(self.currents(x, low, residual).split(self.splits, dim=-1))
 
-    def fused_pair(self, x: Tensor, first: int, count: int = 2,
-                   low: Tensor | None = None) -> tuple[Tensor, list[Tensor]]:
+    def fused_pair(self, x: Tensor, first: int, count: int = 2, low: Tensor | None = None,
+                   acc: Tensor | None = None) -> tuple[Tensor, list[Tensor]]:
         """Currents of modules ``first..first+count-1`` side by side, (..., Σ widths) (a view of
         the accumulator, no copy), plus the others' currents."""
         if not self.exact:
             outs = [m(x) for m in self.modules]
             return torch.cat(outs[first:first + count], -1), outs[:first] + outs[first + count:]
-        acc = self.currents(x, low)
+        acc = self.currents(x, low, acc=acc)
         parts = list(acc.split(self.splits, dim=-1))
         c0 = sum(self.splits[:first])
         pair = acc[..., c0:c0 + sum(self.splits[first:first + count])]
@@ -278,15 +292,19 @@ class _TorchRun:
                           for s in model.site_names()}
         self.done = 0
 
-    def scan(self, sites: tuple[str, ...], current: Tensor, bf16: bool = False):
+    def scan(self, sites: tuple[str, ...], current: Tensor, bf16: bool = False,
+             affine: tuple[Tensor, Tensor | None] | None = None):
         """Scan ``current`` (t, B, L, ΣW) for one or more sites laid side by side.
+
+        ``affine``: ``current`` is a bf16 product accumulator and this (scale, bias) turns it
+        into currents inside the compiled scan (only where :attr:`native` holds).
 
         ``bf16``: the spikes feed an exact product (and residual sums) only; where the compiled
         scan runs and the weights are binary/ternary they are then written as bf16 alone (0 and 1
         are exact in bf16, and a float tensor plus bf16 spikes rounds as plus float spikes).
         Returns the spikes, or (spikes, their bf16 form or None) when ``bf16`` is asked for."""
         if self.native:
-            spikes, low = self._scan_native(sites, current, bf16 and self.bf16)
+            spikes, low = self._scan_native(sites, current, bf16 and self.bf16, affine)
         else:
             key = "+".join(sites)
             spikes, self.mems[key] = kernels.scan_torch(current, self.threshold, self.leak, self.mems.get(key))
@@ -308,12 +326,13 @@ class _TorchRun:
             c0 += w
         return (spikes, low) if bf16 else spikes
 
-    def _scan_native(self, sites: tuple[str, ...], current: Tensor, bf16: bool) -> tuple[Tensor, Tensor | None]:
+    def _scan_native(self, sites: tuple[str, ...], current: Tensor, bf16: bool,
+                     affine: tuple[Tensor, Tensor | None] | None) -> tuple[Tensor, Tensor | None]:
         t = current.shape[0]
         cur = current.reshape(t, self.R, current.shape[-1]) if current.stride(0) else \
             current[:1].reshape(1, self.R, current.shape[-1]).expand(t, -1, -1)
         # bf16 alone where only products and residual sums read the spikes
-        out = None if bf16 else torch.empty(cur.shape, dtype=cur.dtype)
+        out = None if bf16 else torch.empty(cur.shape, dtype=self.dtype)
         low = torch.empty(cur.shape, dtype=torch.bfloat16) if bf16 else None
         c0 = 0
         for s in sites:
@@ -324,7 +343,9 @@ class _TorchRun:
                         out=None if out is None else out[..., cols], float_out=out is not None,
                         out_bf16=None if low is None else low[..., cols],
                         weighted=st.weighted, valid=self.valid,
-                        counts=None if st.counts is None else st.counts[self.t0:self.t0 + t])
+                        counts=None if st.counts is None else st.counts[self.t0:self.t0 + t],
+                        scale=None if affine is None else affine[0][cols],
+                        bias=None if affine is None or affine[1] is None else affine[1][cols])
             c0 += w
         shape = (t, self.B, self.L, -1)
         if low is None:
@@ -333,17 +354,25 @@ class _TorchRun:
 
     def layer(self, layer: SpikingEncoderLayer, lin: dict, x: Tensor, x16: Tensor | None) -> tuple[Tensor, Tensor | None]:
         D = self.model.config.hidden_size
-        kv_cur, (q,) = lin["kvq"].fused_pair(x, 0, low=x16)
-        kv = self.scan((layer.site("key"), layer.site("value")), kv_cur)
+        kv_sites = (layer.site("key"), layer.site("value"))
+        kvq = lin["kvq"]
+        acc = kvq.product(x, x16) if kvq.exact else None
+        if self.native and acc is not None and acc.dtype == torch.bfloat16 and kvq.native:
+            # K and V: the neurons take scale and bias on the fly (no current tensor); Q: one pass
+            kv = self.scan(kv_sites, acc[..., :2 * D], affine=(kvq.scale_row, kvq.bias_row))
+            q = kvq.currents(x, acc=acc, cols=slice(2 * D, None))
+        else:
+            kv_cur, (q,) = kvq.fused_pair(x, 0, low=x16, acc=acc)
+            kv = self.scan(kv_sites, kv_cur)
         k, v = kv[..., :D], kv[..., D:]
         mask = None if self.recorder.all_valid else self.mask_bias  # no padding: nothing to add
         a, a16 = self.scan((layer.site("attention"),), layer.attend(q, k, v, mask), bf16=True)
-        (o,) = lin["o"](a, low=a16)
-        so, so16 = self.scan((layer.site("attention_output"),), layer.attention_norm(o.add_(x)), bf16=True)
+        (o,) = lin["o"](a, low=a16, residual=x)
+        so, so16 = self.scan((layer.site("attention_output"),), layer.attention_norm(o), bf16=True)
         (i,) = lin["i"](so, low=so16)
         h, h16 = self.scan((layer.site("intermediate"),), _gelu_(i), bf16=True)
-        (o2,) = lin["out"](h, low=h16)
-        return self.scan((layer.site("output"),), layer.output_norm(o2.add_(so)), bf16=True)
+        (o2,) = lin["out"](h, low=h16, residual=so)
+        return self.scan((layer.site("output"),), layer.output_norm(o2), bf16=True)
 
     def run(self, chunks: list[tuple[int, int]]) -> None:
         for t0, t1 in chunks:

@@ -49,89 +49,164 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-BLOCK = 256
-"""Neurons whose state a C loop keeps in a local array over all t steps."""
+BLOCK = 1024
+"""Neurons whose state a C loop keeps in a local array over all t steps (a group of rows, or a
+block of one wide row's columns)."""
 
 MIN_SPLIT = 1 << 15
 """Fewest (step, neuron) updates per thread worth a thread of its own."""
 
-_SOURCE = r"""
+_HEADER = r"""
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 #define BLOCK %(block)d
 
-#define DEFINE_SCAN(NAME, REAL)                                                                  \
-static void NAME##_rows(const REAL *cur, int64_t cur_ts, int64_t cur_rs,                         \
-                        REAL *out, uint16_t *out_bf16, int64_t out_ts, int64_t out_rs,           \
-                        REAL *mem, REAL *wsum, const uint8_t *valid, int64_t *counts,            \
-                        int64_t T, int64_t r0, int64_t r1, int64_t W, REAL th, REAL leak)       \
-{                                                                                                \
-    const int leaky = leak != (REAL)1;                                                           \
-    REAL m[BLOCK], w[BLOCK];                                                                     \
-    for (int64_t r = r0; r < r1; ++r) {                                                          \
-        const int counted = counts != 0 && (valid == 0 || valid[r]);                             \
-        for (int64_t j0 = 0; j0 < W; j0 += BLOCK) {                                              \
-            const int64_t n = W - j0 < BLOCK ? W - j0 : BLOCK;                                   \
-            REAL *mp = mem + r * W + j0;                                                         \
-            REAL *wp = wsum ? wsum + r * W + j0 : 0;                                             \
-            for (int64_t j = 0; j < n; ++j) m[j] = mp[j];                                        \
-            if (wp) for (int64_t j = 0; j < n; ++j) w[j] = wp[j];                                \
-            for (int64_t t = 0; t < T; ++t) {                                                    \
-                const REAL *c = cur + t * cur_ts + r * cur_rs + j0;                              \
-                REAL *o = out ? out + t * out_ts + r * out_rs + j0 : 0;                          \
-                uint16_t *ob = out_bf16 ? out_bf16 + t * out_ts + r * out_rs + j0 : 0;           \
-                int64_t cnt = 0;                                                                 \
-                if (leaky) for (int64_t j = 0; j < n; ++j) m[j] = m[j] * leak;                   \
-                for (int64_t j = 0; j < n; ++j) {                                                \
-                    REAL u = m[j] + c[j];                                                        \
-                    int fired = u > th;                                                          \
-                    REAL s = fired ? (REAL)1 : (REAL)0;                                          \
-                    m[j] = u - s * th;                                                           \
-                    if (o) o[j] = s;                                                             \
-                    if (ob) ob[j] = fired ? 0x3F80 : 0;                                          \
-                    if (wp) w[j] = (leaky ? w[j] * leak : w[j]) + s;                             \
-                    cnt += fired;                                                                \
-                }                                                                                \
-                if (counted) counts[t] += cnt;                                                   \
-            }                                                                                    \
-            for (int64_t j = 0; j < n; ++j) mp[j] = m[j];                                        \
-            if (wp) for (int64_t j = 0; j < n; ++j) wp[j] = w[j];                                \
-        }                                                                                        \
-    }                                                                                            \
-}                                                                                                \
-                                                                                                 \
-int NAME(const REAL *cur, int64_t cur_ts, int64_t cur_rs,                                       \
-         REAL *out, uint16_t *out_bf16, int64_t out_ts, int64_t out_rs,                          \
-         REAL *mem, REAL *wsum, const uint8_t *valid, int64_t *counts,                           \
-         int64_t T, int64_t R, int64_t W, double threshold, double leak, int threads)            \
-{                                                                                                \
-    int failed = 0;                                                                              \
-    _Pragma("omp parallel num_threads(threads) if(threads > 1)")                                 \
-    {                                                                                            \
-        int64_t *local = 0;                                                                      \
-        if (counts) {                                                                            \
-            local = (int64_t *)calloc((size_t)(T > 0 ? T : 1), sizeof(int64_t));                 \
-            if (!local) failed = 1;                                                              \
-        }                                                                                        \
-        _Pragma("omp for schedule(static)")                                                      \
-        for (int64_t r = 0; r < R; ++r)                                                          \
-            if (!counts || local)                                                                \
-                NAME##_rows(cur, cur_ts, cur_rs, out, out_bf16, out_ts, out_rs, mem, wsum,       \
-                            valid, local, T, r, r + 1, W, (REAL)threshold, (REAL)leak);          \
-        if (local) {                                                                             \
-            _Pragma("omp critical")                                                              \
-            for (int64_t t = 0; t < T; ++t) counts[t] += local[t];                               \
-            free(local);                                                                         \
-        }                                                                                        \
-    }                                                                                            \
-    return failed;                                                                               \
+static inline float bf16_to_float(uint16_t h)
+{
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+"""
+
+# One instantiation per floating type (REAL: float, double). Every inner loop is branch-free over
+# a block of at most BLOCK neurons held in local arrays, so that the compiler vectorizes it.
+_PER_TYPE = r"""
+/* Rows r0..r1-1 (g = r1 - r0 rows, g·n ≤ BLOCK neurons of columns j0..j0+n-1 each), all T steps:
+   their membranes stay in a local array, and each step reads and writes g runs of n values. */
+static void %(name)s_rows(const REAL *cur, const uint16_t *cur16, const REAL *scale,
+                          const REAL *bias, int64_t cur_ts, int64_t cur_rs,
+                          REAL *out, uint16_t *out_bf16, int64_t out_ts, int64_t out_rs,
+                          REAL *mem, REAL *wsum, const uint8_t *valid, int64_t *counts,
+                          int64_t T, int64_t r0, int64_t r1, int64_t j0, int64_t n, int64_t W,
+                          const REAL th, const REAL leak)
+{
+    const int leaky = leak != (REAL)1;
+    const int64_t g = r1 - r0;
+    REAL m[BLOCK], w[BLOCK], x[BLOCK], sp[BLOCK];
+    for (int64_t i = 0; i < g; ++i) {
+        const REAL *restrict mp = mem + (r0 + i) * W + j0;
+        for (int64_t j = 0; j < n; ++j) m[i * n + j] = mp[j];
+        if (wsum) {
+            const REAL *restrict wp = wsum + (r0 + i) * W + j0;
+            for (int64_t j = 0; j < n; ++j) w[i * n + j] = wp[j];
+        }
+    }
+    for (int64_t t = 0; t < T; ++t) {
+        int64_t cnt = 0;
+        for (int64_t i = 0; i < g; ++i) {
+            const int64_t r = r0 + i;
+            REAL *restrict mi = m + i * n, *restrict si = sp + i * n;
+            const REAL *restrict c = x;
+            if (cur16) { /* (acc * scale) + bias, each rounded, as the unfused operations */
+                const uint16_t *restrict a = cur16 + t * cur_ts + r * cur_rs + j0;
+                const REAL *restrict sc = scale + j0;
+                for (int64_t j = 0; j < n; ++j) x[j] = (REAL)bf16_to_float(a[j]) * sc[j];
+                if (bias) {
+                    const REAL *restrict bi = bias + j0;
+                    for (int64_t j = 0; j < n; ++j) x[j] = x[j] + bi[j];
+                }
+            } else c = cur + t * cur_ts + r * cur_rs + j0;
+            if (leaky) for (int64_t j = 0; j < n; ++j) mi[j] = mi[j] * leak;
+            int32_t fired_row = 0;
+            for (int64_t j = 0; j < n; ++j) {
+                const REAL u = mi[j] + c[j];
+                const int fired = u > th;
+                const REAL s = fired ? (REAL)1 : (REAL)0;
+                mi[j] = u - s * th;
+                si[j] = s;
+                fired_row += fired;
+            }
+            if (out) {
+                REAL *restrict o = out + t * out_ts + r * out_rs + j0;
+                for (int64_t j = 0; j < n; ++j) o[j] = si[j];
+            }
+            if (out_bf16) {
+                uint16_t *restrict ob = out_bf16 + t * out_ts + r * out_rs + j0;
+                for (int64_t j = 0; j < n; ++j) ob[j] = si[j] != (REAL)0 ? 0x3F80 : 0;
+            }
+            if (valid == 0 || valid[r]) cnt += fired_row;
+        }
+        if (wsum) {
+            if (leaky) for (int64_t k = 0; k < g * n; ++k) w[k] = w[k] * leak + sp[k];
+            else for (int64_t k = 0; k < g * n; ++k) w[k] = w[k] + sp[k];
+        }
+        if (counts) counts[t] += cnt;
+    }
+    for (int64_t i = 0; i < g; ++i) {
+        REAL *restrict mp = mem + (r0 + i) * W + j0;
+        for (int64_t j = 0; j < n; ++j) mp[j] = m[i * n + j];
+        if (wsum) {
+            REAL *restrict wp = wsum + (r0 + i) * W + j0;
+            for (int64_t j = 0; j < n; ++j) wp[j] = w[i * n + j];
+        }
+    }
 }
 
-DEFINE_SCAN(scan_f32, float)
-DEFINE_SCAN(scan_f64, double)
-""" % {"block": BLOCK}
+int %(name)s(const REAL *cur, const uint16_t *cur16, const REAL *scale, const REAL *bias,
+             int64_t cur_ts, int64_t cur_rs,
+             REAL *out, uint16_t *out_bf16, int64_t out_ts, int64_t out_rs,
+             REAL *mem, REAL *wsum, const uint8_t *valid, int64_t *counts,
+             int64_t T, int64_t R, int64_t W, double threshold, double leak, int threads)
+{
+    /* work items: groups of g rows of all W columns when W fits a block, else single rows cut
+       into column blocks */
+    const int64_t n = W < BLOCK ? W : BLOCK;
+    const int64_t g = W < BLOCK ? (BLOCK / (W > 0 ? W : 1)) : 1;
+    const int64_t colblocks = (W + n - 1) / (n > 0 ? n : 1);
+    const int64_t groups = (R + g - 1) / g;
+    int failed = 0;
+    #pragma omp parallel num_threads(threads) if(threads > 1)
+    {
+        int64_t *local = 0;
+        if (counts) {
+            local = (int64_t *)calloc((size_t)(T > 0 ? T : 1), sizeof(int64_t));
+            if (!local) failed = 1;
+        }
+        #pragma omp for schedule(static)
+        for (int64_t item = 0; item < groups * colblocks; ++item) {
+            if (counts && !local) continue;
+            const int64_t r0 = (item / colblocks) * g, j0 = (item %% colblocks) * n;
+            const int64_t r1 = r0 + g < R ? r0 + g : R;
+            %(name)s_rows(cur, cur16, scale, bias, cur_ts, cur_rs, out, out_bf16, out_ts, out_rs,
+                          mem, wsum, valid, local, T, r0, r1, j0, W - j0 < n ? W - j0 : n, W,
+                          (REAL)threshold, (REAL)leak);
+        }
+        if (local) {
+            #pragma omp critical
+            for (int64_t t = 0; t < T; ++t) counts[t] += local[t];
+            free(local);
+        }
+    }
+    return failed;
+}
+
+/* out[r] = (acc[r]*scale + bias) + residual[r] over rows r, each operation rounded to REAL as
+   PyTorch's mul, add_ and add_ would: acc and residual are bf16 (small integers, 0/1 spikes). */
+void %(affine)s(const uint16_t *acc, int64_t acc_rs, const REAL *scale, const REAL *bias,
+                const uint16_t *res, int64_t res_rs, REAL *out, int64_t out_rs,
+                int64_t R, int64_t W, int threads)
+{
+    #pragma omp parallel for num_threads(threads) if(threads > 1) schedule(static)
+    for (int64_t r = 0; r < R; ++r) {
+        const uint16_t *restrict a = acc + r * acc_rs;
+        REAL *restrict o = out + r * out_rs;
+        for (int64_t j = 0; j < W; ++j) o[j] = (REAL)bf16_to_float(a[j]) * scale[j];
+        if (bias) for (int64_t j = 0; j < W; ++j) o[j] = o[j] + bias[j];
+        if (res) {
+            const uint16_t *restrict p = res + r * res_rs;
+            for (int64_t j = 0; j < W; ++j) o[j] = o[j] + (REAL)bf16_to_float(p[j]);
+        }
+    }
+}
+"""
+
+_SOURCE = _HEADER % {"block": BLOCK} + "".join(
+    "\n#define REAL %s\n" % real + _PER_TYPE % {"name": "scan_" + tag, "affine": "affine_" + tag} + "#undef REAL\n"
+    for real, tag in (("float", "f32"), ("double", "f64")))
 
 _FLAGS = ["-O3", "-std=gnu99", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math"]
 
@@ -194,13 +269,19 @@ def _library():
             except OSError as e:
                 errors.append(str(e))
                 continue
-            args = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+            args = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                    ctypes.c_int64, ctypes.c_int64,
                     ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                     ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                     ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                     ctypes.c_double, ctypes.c_double, ctypes.c_int]
             for fn in (lib.scan_f32, lib.scan_f64):
                 fn.argtypes, fn.restype = args, ctypes.c_int
+            for fn in (lib.affine_f32, lib.affine_f64):
+                fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                               ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+                               ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+                fn.restype = None
             return lib
     warnings.warn("spikingbert_sim: the compiled CPU scan is unavailable, using PyTorch's "
                   f"(slower; {errors[-1] if errors else 'unknown error'})", RuntimeWarning, stacklevel=3)
@@ -239,8 +320,14 @@ def _ptr(t: Tensor | None) -> int | None:
 def scan(current: Tensor, mem: Tensor, *, threshold: float = 1.0, leak: float = 1.0,
          out: Tensor | None = None, out_bf16: Tensor | None = None, float_out: bool = True,
          weighted: Tensor | None = None, counts: Tensor | None = None,
-         valid: Tensor | None = None) -> Tensor:
+         valid: Tensor | None = None, scale: Tensor | None = None,
+         bias: Tensor | None = None) -> Tensor:
     """Run the neuron over ``current`` (t, R, W) from membrane ``mem`` (R, W), updating ``mem``.
+
+    ``current`` may instead be a bf16 product accumulator (exact small integers) with ``scale``
+    (W,) and optionally ``bias`` (W,) in ``mem``'s dtype: the neuron then takes
+    ``(current·scale) + bias`` computed on the fly, rounded as PyTorch's ``mul`` and ``add_`` (the
+    currents of a binary/ternary layer, never written to memory).
 
     ``current`` may be a stride-0 expansion over t and a column slice of a wider tensor (rows of
     stride ≥ W, contiguous last axis); ``out`` (t, R, W) likewise (allocated when None), and
@@ -255,14 +342,21 @@ def scan(current: Tensor, mem: Tensor, *, threshold: float = 1.0, leak: float = 
     if lib is None:
         raise RuntimeError("the compiled scan is unavailable (see native.available())")
     T, R, W = current.shape
-    dtype = current.dtype
+    fused = current.dtype == torch.bfloat16
+    dtype = mem.dtype if fused else current.dtype
     if dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"the compiled scan runs float32 or float64, not {dtype}")
+        raise ValueError(f"the compiled scan runs float32 or float64 (or a bf16 accumulator with a scale), not {dtype}")
+    if fused != (scale is not None) or (bias is not None and scale is None):
+        raise ValueError("scale (and bias) go with a bf16 accumulator as current, and only with it")
+    for name, t in (("scale", scale), ("bias", bias)):
+        if t is not None and (t.dtype != dtype or t.shape != (W,) or not t.is_contiguous()):
+            raise ValueError(f"{name} must be a contiguous {dtype} (W,) tensor")
     if not float_out and (out is not None or out_bf16 is None):
         raise ValueError("float_out=False writes out_bf16 only: pass out_bf16 and no out")
     if out is None and float_out:
         out = torch.empty((T, R, W), dtype=dtype)
-    for name, t, want in (("current", current, dtype), ("out", out, dtype), ("out_bf16", out_bf16, torch.bfloat16)):
+    for name, t, want in (("current", current, torch.bfloat16 if fused else dtype), ("out", out, dtype),
+                          ("out_bf16", out_bf16, torch.bfloat16)):
         if t is not None and (t.device.type != "cpu" or t.dtype != want or t.shape != (T, R, W)
                               or (W > 1 and t.stride(2) != 1)):
             raise ValueError(f"{name} must be a CPU {want} (t, R, W) tensor with a contiguous last axis")
@@ -278,10 +372,52 @@ def scan(current: Tensor, mem: Tensor, *, threshold: float = 1.0, leak: float = 
     fn = lib.scan_f32 if dtype == torch.float32 else lib.scan_f64
     threads = max(1, min(torch.get_num_threads(), R, (T * R * W) // MIN_SPLIT))
     layout = out if out is not None else out_bf16
-    failed = fn(current.data_ptr(), current.stride(0), current.stride(1),
+    failed = fn(None if fused else current.data_ptr(), current.data_ptr() if fused else None,
+                _ptr(scale), _ptr(bias), current.stride(0), current.stride(1),
                 _ptr(out), _ptr(out_bf16), layout.stride(0), layout.stride(1),
                 mem.data_ptr(), _ptr(weighted), _ptr(valid), _ptr(counts),
                 T, R, W, float(threshold), float(leak), threads)
     if failed:
         raise MemoryError("the compiled scan could not allocate its step counts")
     return out if float_out else out_bf16
+
+
+def affine(acc: Tensor, scale: Tensor, bias: Tensor | None = None, residual: Tensor | None = None,
+           out: Tensor | None = None) -> Tensor:
+    """``(acc·scale + bias) + residual`` in ``scale``'s dtype (float32 or float64), in one pass.
+
+    ``acc`` (..., W): a bf16 product accumulator (exact small integers); ``residual``: bf16 0/1
+    spikes of the same shape, or None. Each operation is rounded as PyTorch's ``mul``, ``add_``
+    and ``add_`` in that order would round it, so the result equals theirs bit for bit. Any
+    leading-axes layout whose rows merge into one stride (a column slice of a contiguous tensor)
+    is accepted; ``out`` is allocated contiguous when None.
+    """
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("the compiled kernels are unavailable (see native.available())")
+    dtype, W = scale.dtype, acc.shape[-1]
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"affine runs float32 or float64, not {dtype}")
+    if out is None:
+        out = torch.empty(acc.shape, dtype=dtype)
+
+    def rows(name: str, t: Tensor | None, want: torch.dtype) -> Tensor | None:
+        if t is None:
+            return None
+        if t.dtype != want or t.device.type != "cpu" or t.shape != acc.shape or (W > 1 and t.stride(-1) != 1):
+            raise ValueError(f"{name} must be a CPU {want} tensor of shape {tuple(acc.shape)} with a contiguous last axis")
+        try:
+            return t.view(-1, W)
+        except RuntimeError:
+            raise ValueError(f"{name}'s rows must merge into one stride") from None
+
+    a, r, o = rows("acc", acc, torch.bfloat16), rows("residual", residual, torch.bfloat16), rows("out", out, dtype)
+    for name, t in (("scale", scale), ("bias", bias)):
+        if t is not None and (t.dtype != dtype or t.shape != (W,) or not t.is_contiguous()):
+            raise ValueError(f"{name} must be a contiguous {dtype} (W,) tensor")
+    R = a.shape[0]
+    threads = max(1, min(torch.get_num_threads(), R, (R * W) // MIN_SPLIT))
+    fn = lib.affine_f32 if dtype == torch.float32 else lib.affine_f64
+    fn(a.data_ptr(), a.stride(0), scale.data_ptr(), _ptr(bias), _ptr(r), 0 if r is None else r.stride(0),
+       o.data_ptr(), o.stride(0), R, W, threads)
+    return out

@@ -79,6 +79,78 @@ def test_scan_reads_and_writes_column_slices_and_constant_currents():
 
 
 @needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("R, W, leak", [(37, 70, 1.0), (5, native.BLOCK + 300, 0.9)])
+def test_scan_of_a_bf16_accumulator_equals_mul_add_then_scan(dtype, R, W, leak):
+    """K and V: the neuron takes ``(acc·scale) + bias`` on the fly, as torch's mul then add_."""
+    g = torch.Generator().manual_seed(8)
+    wide = torch.randint(-60, 61, (T, R, W + 9), generator=g).to(torch.bfloat16)
+    acc = wide[..., 4:4 + W]  # a column slice: rows of stride W + 9
+    scale = (torch.rand(W, generator=g, dtype=torch.float64) * 0.05).to(dtype)
+    bias = (torch.randn(W, generator=g, dtype=torch.float64) * 0.3 + 0.2).to(dtype)
+    ref_spikes, ref_mem = kernels.scan_torch(torch.mul(acc, scale).add_(bias), 0.7, leak, None)
+    mem = torch.zeros(R, W, dtype=dtype)
+    w = torch.zeros(R, W, dtype=dtype)
+    counts = torch.zeros(T, dtype=torch.int64)
+    spikes = native.scan(acc, mem, threshold=0.7, leak=leak, scale=scale, bias=bias, weighted=w, counts=counts)
+    assert spikes.dtype == dtype
+    assert torch.equal(spikes, ref_spikes) and torch.equal(mem, ref_mem)
+    assert torch.equal(counts, ref_spikes.sum((1, 2)).to(torch.int64))
+    assert 0.05 < float(ref_spikes.mean()) < 0.95
+    no_bias, _ = kernels.scan_torch(torch.mul(acc, scale), 0.7, leak, None)
+    assert torch.equal(native.scan(acc, torch.zeros(R, W, dtype=dtype), threshold=0.7, leak=leak, scale=scale), no_bias)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_affine_equals_mul_add_add_bitwise(dtype):
+    g = torch.Generator().manual_seed(9)
+    acc = torch.randint(-200, 201, (3, 5, 7, 3 * 40), generator=g).to(torch.bfloat16)
+    scale = torch.rand(3 * 40, generator=g, dtype=torch.float64).to(dtype) / 7  # not dyadic: rounds
+    bias = torch.randn(3 * 40, generator=g, dtype=torch.float64).to(dtype)
+    spikes = (torch.rand(3, 5, 7, 40, generator=g) < 0.3).to(torch.bfloat16)
+    full = native.affine(acc, scale, bias)
+    assert full.dtype == dtype and full.is_contiguous()
+    assert torch.equal(full, torch.mul(acc, scale).add_(bias))
+    cols = slice(40, 80)  # one module's columns of a stacked product, plus a residual
+    got = native.affine(acc[..., cols], scale[cols], bias[cols], spikes)
+    ref = torch.mul(acc[..., cols], scale[cols]).add_(bias[cols]).add_(spikes)
+    assert torch.equal(got, ref)
+    # the order of the roundings matters: (a·s + r) + b differs from ((a·s) + b) + r somewhere
+    assert not torch.equal(got, torch.mul(acc[..., cols], scale[cols]).add_(spikes).add_(bias[cols]))
+    out = torch.full((3, 5, 7, 40), 9.0, dtype=dtype)
+    assert native.affine(acc[..., cols], scale[cols], out=out) is out
+    assert torch.equal(out, torch.mul(acc[..., cols], scale[cols]))
+
+
+@needs_native
+@pytest.mark.parametrize("bad, match", [
+    (dict(acc=torch.zeros(4, 6)), "acc must be"),
+    (dict(scale=torch.ones(6, dtype=torch.float16)), "float32 or float64"),
+    (dict(scale=torch.ones(5)), "scale must be"),
+    (dict(bias=torch.ones(6, dtype=torch.float64)), "bias must be"),
+    (dict(residual=torch.zeros(4, 6)), "residual must be"),
+    (dict(out=torch.zeros(6, 4).t()), "out must be"),
+    (dict(acc=torch.zeros(2, 4, 6, dtype=torch.bfloat16).transpose(0, 1)), "merge into one stride"),
+])
+def test_affine_rejects_bad_arguments(bad, match):
+    args = dict(acc=torch.zeros(4, 6, dtype=torch.bfloat16), scale=torch.ones(6))
+    args.update(bad)
+    with pytest.raises(ValueError, match=match):
+        native.affine(args.pop("acc"), args.pop("scale"), **args)
+
+
+@needs_native
+def test_scan_refuses_a_scale_without_a_bf16_accumulator_and_the_reverse():
+    with pytest.raises(ValueError, match="scale"):
+        native.scan(torch.zeros(2, 3, 4), torch.zeros(3, 4), scale=torch.ones(4))
+    with pytest.raises(ValueError, match="scale"):
+        native.scan(torch.zeros(2, 3, 4, dtype=torch.bfloat16), torch.zeros(3, 4))
+    with pytest.raises(ValueError, match="scale must be"):
+        native.scan(torch.zeros(2, 3, 4, dtype=torch.bfloat16), torch.zeros(3, 4), scale=torch.ones(3))
+
+
+@needs_native
 def test_scan_carries_the_membrane_across_calls():
     cur = currents(T, 16, 8, torch.float64, seed=6)
     whole, _ = kernels.scan_torch(cur, 1.0, 0.9, None)
@@ -144,12 +216,13 @@ def test_build_is_cached_and_written_once(monkeypatch, tmp_path):
 # --- the engine with and without the compiled scan --------------------------------------------
 
 @needs_native
-@pytest.mark.parametrize("mode, overrides, padded", [("fp", {}, True), ("ternary", {}, True),
-                                                    ("binary", dict(leak=0.9, threshold=0.7), True),
-                                                    ("ternary", {}, False)])
+@pytest.mark.parametrize("mode, overrides, padded, dtype", [
+    ("fp", {}, True, torch.float64), ("ternary", {}, True, torch.float64),
+    ("binary", dict(leak=0.9, threshold=0.7), True, torch.float64), ("ternary", {}, False, torch.float64),
+    ("ternary", {}, True, torch.float32), ("binary", {}, False, torch.float32)])
 def test_engine_with_and_without_the_compiled_scan_equals_the_reference(make_model, batch, monkeypatch,
-                                                                        mode, overrides, padded):
-    model = make_model(mode, **overrides).double()
+                                                                        mode, overrides, padded, dtype):
+    model = make_model(mode, **overrides).to(dtype)
     ids, mask = batch
     if not padded:
         mask = torch.ones_like(mask)
