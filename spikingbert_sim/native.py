@@ -95,40 +95,53 @@ static void %(name)s_rows(const REAL *cur, const uint16_t *cur16, const REAL *sc
             for (int64_t j = 0; j < n; ++j) w[i * n + j] = wp[j];
         }
     }
+    /* rows laid end to end in every tensor (a whole-width site): one run of g·n values a step */
+    const int flat = g > 1 && n == W && cur_rs == W && out_rs == W;
+    const int64_t runs = flat ? 1 : g, len = flat ? g * n : n;
     for (int64_t t = 0; t < T; ++t) {
         int64_t cnt = 0;
-        for (int64_t i = 0; i < g; ++i) {
+        for (int64_t i = 0; i < runs; ++i) {
             const int64_t r = r0 + i;
-            REAL *restrict mi = m + i * n, *restrict si = sp + i * n;
+            REAL *restrict mi = m + i * len, *restrict si = sp + i * len;
             const REAL *restrict c = x;
             if (cur16) { /* (acc * scale) + bias, each rounded, as the unfused operations */
                 const uint16_t *restrict a = cur16 + t * cur_ts + r * cur_rs + j0;
-                const REAL *restrict sc = scale + j0;
-                for (int64_t j = 0; j < n; ++j) x[j] = (REAL)bf16_to_float(a[j]) * sc[j];
-                if (bias) {
-                    const REAL *restrict bi = bias + j0;
-                    for (int64_t j = 0; j < n; ++j) x[j] = x[j] + bi[j];
+                for (int64_t k = 0; k < len; k += n) {
+                    const REAL *restrict sc = scale + j0;
+                    for (int64_t j = 0; j < n; ++j) x[k + j] = (REAL)bf16_to_float(a[k + j]) * sc[j];
+                    if (bias) {
+                        const REAL *restrict bi = bias + j0;
+                        for (int64_t j = 0; j < n; ++j) x[k + j] = x[k + j] + bi[j];
+                    }
                 }
             } else c = cur + t * cur_ts + r * cur_rs + j0;
-            if (leaky) for (int64_t j = 0; j < n; ++j) mi[j] = mi[j] * leak;
-            int32_t fired_row = 0;
-            for (int64_t j = 0; j < n; ++j) {
+            if (leaky) for (int64_t j = 0; j < len; ++j) mi[j] = mi[j] * leak;
+            int32_t fired_run = 0;
+            for (int64_t j = 0; j < len; ++j) {
                 const REAL u = mi[j] + c[j];
                 const int fired = u > th;
                 const REAL s = fired ? (REAL)1 : (REAL)0;
                 mi[j] = u - s * th;
                 si[j] = s;
-                fired_row += fired;
+                fired_run += fired;
             }
             if (out) {
                 REAL *restrict o = out + t * out_ts + r * out_rs + j0;
-                for (int64_t j = 0; j < n; ++j) o[j] = si[j];
+                for (int64_t j = 0; j < len; ++j) o[j] = si[j];
             }
             if (out_bf16) {
                 uint16_t *restrict ob = out_bf16 + t * out_ts + r * out_rs + j0;
-                for (int64_t j = 0; j < n; ++j) ob[j] = si[j] != (REAL)0 ? 0x3F80 : 0;
+                for (int64_t j = 0; j < len; ++j) ob[j] = si[j] != (REAL)0 ? 0x3F80 : 0;
             }
-            if (valid == 0 || valid[r]) cnt += fired_row;
+            if (!counts) continue;
+            if (valid == 0) cnt += fired_run;
+            else if (!flat) cnt += valid[r] ? fired_run : 0;
+            else for (int64_t q = 0; q < g; ++q) {  /* valid rows only */
+                if (!valid[r0 + q]) continue;
+                int32_t f = 0;
+                for (int64_t j = 0; j < n; ++j) f += si[q * n + j] != (REAL)0;
+                cnt += f;
+            }
         }
         if (wsum) {
             if (leaky) for (int64_t k = 0; k < g * n; ++k) w[k] = w[k] * leak + sp[k];
