@@ -100,8 +100,16 @@ class SpikingEncoderLayer(nn.Module):
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask_bias: Tensor | None, observe: Observe | None = None) -> Tensor:
         """Scaled dot-product attention of real Q over spiking K and V, per head: (*, L, D) -> (*, L, D)."""
-        q, k, v = self._heads(q), self._heads(k), self._heads(v)  # (*, H, L, dh)
-        scores = q @ k.transpose(-1, -2)  # (*, H, L, L)
+        k_t = self._heads(k).transpose(-1, -2)  # (*, H, dh, L)
+        ctx = self.attend_heads(self._heads(q), k_t, self._heads(v), mask_bias, observe)  # (*, H, L, dh)
+        return ctx.transpose(-3, -2).flatten(-2)  # (*, L, D)
+
+    def attend_heads(self, q: Tensor, k_t: Tensor, v: Tensor, mask_bias: Tensor | None,
+                     observe: Observe | None = None) -> Tensor:
+        """:meth:`attend` on operands already split into heads: Q (*, H, L, dh), Kᵀ (*, H, dh, L),
+        V (*, H, L, dh) -> the context (*, H, L, dh). (The multi-step engine hands it contiguous
+        per-head tensors, so the products need no re-layout copies; same results.)"""
+        scores = q @ k_t  # (*, H, L, L)
         # in place where no gradient is taken (inference): the same rounding, no second tensor
         inplace = not scores.requires_grad
         scale = math.sqrt(self.head_dim)
@@ -112,8 +120,7 @@ class SpikingEncoderLayer(nn.Module):
             # (B, 1, 1, L) broadcasts; not in place once an observer holds the scores
             scores = scores.add_(mask_bias) if inplace and observe is None else scores + mask_bias
         probs = torch.softmax(scores, dim=-1)
-        ctx = probs @ v  # (*, H, L, dh)
-        return ctx.transpose(-3, -2).flatten(-2)  # (*, L, D)
+        return probs @ v  # (*, H, L, dh)
 
     def forward(self, x: Tensor, fire: Fire, mask_bias: Tensor, observe: Observe | None = None) -> Tensor:
         k = fire(self.site("key"), self.key(x))

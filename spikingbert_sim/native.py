@@ -45,6 +45,7 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -75,17 +76,28 @@ static inline float bf16_to_float(uint16_t h)
 # One instantiation per floating type (REAL: float, double). Every inner loop is branch-free over
 # a block of at most BLOCK neurons held in local arrays, so that the compiler vectorizes it.
 _PER_TYPE = r"""
+/* Where row r, column j of a (t, R, W) operand lives: t·ts + (r / lseq)·bs + (r %% lseq)·rs +
+   (cols ? cols[j] : j). A plain row-major tensor has lseq = R (one "sequence"); a per-head layout
+   such as (t, B, H, L, dh) has lseq = L and a column table. */
+typedef struct { int64_t ts, rs, lseq, bs; const int64_t *cols; } %(name)s_layout;
+
+static inline int64_t %(name)s_row(const %(name)s_layout *l, int64_t r)
+{
+    return (r / l->lseq) * l->bs + (r %% l->lseq) * l->rs;
+}
+
 /* Rows r0..r1-1 (g = r1 - r0 rows, g·n ≤ BLOCK neurons of columns j0..j0+n-1 each), all T steps:
-   their membranes stay in a local array, and each step reads and writes g runs of n values. */
+   their membranes stay in a local array; each step's currents are read (or gathered) into, and its
+   spikes written (or scattered) from, runs of g·n values. */
 static void %(name)s_rows(const REAL *cur, const uint16_t *cur16, const REAL *scale,
-                          const REAL *bias, int64_t cur_ts, int64_t cur_rs,
-                          REAL *out, uint16_t *out_bf16, int64_t out_ts, int64_t out_rs,
+                          const REAL *bias, const %(name)s_layout *in,
+                          REAL *out, uint16_t *out_bf16, const %(name)s_layout *ol,
                           REAL *mem, REAL *wsum, const uint8_t *valid, int64_t *counts,
                           int64_t T, int64_t r0, int64_t r1, int64_t j0, int64_t n, int64_t W,
                           const REAL th, const REAL leak)
 {
     const int leaky = leak != (REAL)1;
-    const int64_t g = r1 - r0;
+    const int64_t g = r1 - r0, len = g * n;
     REAL m[BLOCK], w[BLOCK], x[BLOCK], sp[BLOCK];
     for (int64_t i = 0; i < g; ++i) {
         const REAL *restrict mp = mem + (r0 + i) * W + j0;
@@ -95,59 +107,73 @@ static void %(name)s_rows(const REAL *cur, const uint16_t *cur16, const REAL *sc
             for (int64_t j = 0; j < n; ++j) w[i * n + j] = wp[j];
         }
     }
-    /* rows laid end to end in every tensor (a whole-width site): one run of g·n values a step */
-    const int flat = g > 1 && n == W && cur_rs == W && out_rs == W;
-    const int64_t runs = flat ? 1 : g, len = flat ? g * n : n;
+    /* rows laid end to end (a whole-width site, row-major) are one run of g·n values */
+    const int flat_in = !in->cols && n == W && in->rs == W && in->bs == in->lseq * W;
+    const int flat_out = !ol->cols && n == W && ol->rs == W && ol->bs == ol->lseq * W;
+    int64_t irow[BLOCK], orow[BLOCK];
+    for (int64_t i = 0; i < g; ++i) {
+        irow[i] = %(name)s_row(in, r0 + i);
+        orow[i] = %(name)s_row(ol, r0 + i);
+    }
     for (int64_t t = 0; t < T; ++t) {
-        int64_t cnt = 0;
-        for (int64_t i = 0; i < runs; ++i) {
-            const int64_t r = r0 + i;
-            REAL *restrict mi = m + i * len, *restrict si = sp + i * len;
-            const REAL *restrict c = x;
-            if (cur16) { /* (acc * scale) + bias, each rounded, as the unfused operations */
-                const uint16_t *restrict a = cur16 + t * cur_ts + r * cur_rs + j0;
-                for (int64_t k = 0; k < len; k += n) {
-                    const REAL *restrict sc = scale + j0;
-                    for (int64_t j = 0; j < n; ++j) x[k + j] = (REAL)bf16_to_float(a[k + j]) * sc[j];
-                    if (bias) {
-                        const REAL *restrict bi = bias + j0;
-                        for (int64_t j = 0; j < n; ++j) x[k + j] = x[k + j] + bi[j];
-                    }
-                }
-            } else c = cur + t * cur_ts + r * cur_rs + j0;
-            if (leaky) for (int64_t j = 0; j < len; ++j) mi[j] = mi[j] * leak;
-            int32_t fired_run = 0;
-            for (int64_t j = 0; j < len; ++j) {
-                const REAL u = mi[j] + c[j];
-                const int fired = u > th;
-                const REAL s = fired ? (REAL)1 : (REAL)0;
-                mi[j] = u - s * th;
-                si[j] = s;
-                fired_run += fired;
+        const REAL *restrict c = x;
+        if (cur16) { /* (acc * scale) + bias, each rounded, as the unfused operations */
+            const REAL *restrict sc = scale + j0, *restrict bi = bias ? bias + j0 : 0;
+            for (int64_t i = 0; i < g; ++i) {
+                const uint16_t *restrict a = cur16 + t * in->ts + irow[i] + j0;
+                REAL *restrict xi = x + i * n;
+                for (int64_t j = 0; j < n; ++j) xi[j] = (REAL)bf16_to_float(a[j]) * sc[j];
+                if (bi) for (int64_t j = 0; j < n; ++j) xi[j] = xi[j] + bi[j];
+            }
+        } else if (flat_in) c = cur + t * in->ts + irow[0] + j0;
+        else for (int64_t i = 0; i < g; ++i) {
+            const REAL *restrict ci = cur + t * in->ts + irow[i];
+            REAL *restrict xi = x + i * n;
+            if (in->cols) {
+                const int64_t *restrict cc = in->cols + j0;
+                for (int64_t j = 0; j < n; ++j) xi[j] = ci[cc[j]];
+            } else for (int64_t j = 0; j < n; ++j) xi[j] = ci[j0 + j];
+        }
+        if (leaky) for (int64_t k = 0; k < len; ++k) m[k] = m[k] * leak;
+        int32_t fired_all = 0;
+        for (int64_t k = 0; k < len; ++k) {
+            const REAL u = m[k] + c[k];
+            const int fired = u > th;
+            const REAL s = fired ? (REAL)1 : (REAL)0;
+            m[k] = u - s * th;
+            sp[k] = s;
+            fired_all += fired;
+        }
+        for (int64_t i = 0; i < (flat_out ? 1 : g); ++i) {
+            const int64_t run = flat_out ? len : n, off = t * ol->ts + orow[i];
+            const REAL *restrict si = sp + i * n;
+            if (ol->cols) {
+                const int64_t *restrict cc = ol->cols + j0;
+                if (out) for (int64_t j = 0; j < run; ++j) out[off + cc[j]] = si[j];
+                if (out_bf16) for (int64_t j = 0; j < run; ++j) out_bf16[off + cc[j]] = (uint16_t)((si[j] != (REAL)0) * 0x3F80);
+                continue;
             }
             if (out) {
-                REAL *restrict o = out + t * out_ts + r * out_rs + j0;
-                for (int64_t j = 0; j < len; ++j) o[j] = si[j];
+                REAL *restrict o = out + off + j0;
+                for (int64_t j = 0; j < run; ++j) o[j] = si[j];
             }
             if (out_bf16) {
-                uint16_t *restrict ob = out_bf16 + t * out_ts + r * out_rs + j0;
-                for (int64_t j = 0; j < len; ++j) ob[j] = si[j] != (REAL)0 ? 0x3F80 : 0;
-            }
-            if (!counts) continue;
-            if (valid == 0) cnt += fired_run;
-            else if (!flat) cnt += valid[r] ? fired_run : 0;
-            else for (int64_t q = 0; q < g; ++q) {  /* valid rows only */
-                if (!valid[r0 + q]) continue;
-                int32_t f = 0;
-                for (int64_t j = 0; j < n; ++j) f += si[q * n + j] != (REAL)0;
-                cnt += f;
+                uint16_t *restrict ob = out_bf16 + off + j0;
+                for (int64_t j = 0; j < run; ++j) ob[j] = (uint16_t)((si[j] != (REAL)0) * 0x3F80);
             }
         }
         if (wsum) {
-            if (leaky) for (int64_t k = 0; k < g * n; ++k) w[k] = w[k] * leak + sp[k];
-            else for (int64_t k = 0; k < g * n; ++k) w[k] = w[k] + sp[k];
+            if (leaky) for (int64_t k = 0; k < len; ++k) w[k] = w[k] * leak + sp[k];
+            else for (int64_t k = 0; k < len; ++k) w[k] = w[k] + sp[k];
         }
-        if (counts) counts[t] += cnt;
+        if (!counts) continue;
+        if (valid == 0) counts[t] += fired_all;
+        else for (int64_t i = 0; i < g; ++i) {  /* valid rows only */
+            if (!valid[r0 + i]) continue;
+            int32_t f = 0;
+            for (int64_t j = 0; j < n; ++j) f += sp[i * n + j] != (REAL)0;
+            counts[t] += f;
+        }
     }
     for (int64_t i = 0; i < g; ++i) {
         REAL *restrict mp = mem + (r0 + i) * W + j0;
@@ -160,11 +186,14 @@ static void %(name)s_rows(const REAL *cur, const uint16_t *cur16, const REAL *sc
 }
 
 int %(name)s(const REAL *cur, const uint16_t *cur16, const REAL *scale, const REAL *bias,
-             int64_t cur_ts, int64_t cur_rs,
-             REAL *out, uint16_t *out_bf16, int64_t out_ts, int64_t out_rs,
+             int64_t cur_ts, int64_t cur_rs, int64_t cur_lseq, int64_t cur_bs, const int64_t *cur_cols,
+             REAL *out, uint16_t *out_bf16,
+             int64_t out_ts, int64_t out_rs, int64_t out_lseq, int64_t out_bs, const int64_t *out_cols,
              REAL *mem, REAL *wsum, const uint8_t *valid, int64_t *counts,
              int64_t T, int64_t R, int64_t W, double threshold, double leak, int threads)
 {
+    const %(name)s_layout in = {cur_ts, cur_rs, cur_lseq, cur_bs, cur_cols};
+    const %(name)s_layout ol = {out_ts, out_rs, out_lseq, out_bs, out_cols};
     /* work items: groups of g rows of all W columns when W fits a block, else single rows cut
        into column blocks */
     const int64_t n = W < BLOCK ? W : BLOCK;
@@ -184,7 +213,7 @@ int %(name)s(const REAL *cur, const uint16_t *cur16, const REAL *scale, const RE
             if (counts && !local) continue;
             const int64_t r0 = (item / colblocks) * g, j0 = (item %% colblocks) * n;
             const int64_t r1 = r0 + g < R ? r0 + g : R;
-            %(name)s_rows(cur, cur16, scale, bias, cur_ts, cur_rs, out, out_bf16, out_ts, out_rs,
+            %(name)s_rows(cur, cur16, scale, bias, &in, out, out_bf16, &ol,
                           mem, wsum, valid, local, T, r0, r1, j0, W - j0 < n ? W - j0 : n, W,
                           (REAL)threshold, (REAL)leak);
         }
@@ -198,20 +227,28 @@ int %(name)s(const REAL *cur, const uint16_t *cur16, const REAL *scale, const RE
 }
 
 /* out[r] = (acc[r]*scale + bias) + residual[r] over rows r, each operation rounded to REAL as
-   PyTorch's mul, add_ and add_ would: acc and residual are bf16 (small integers, 0/1 spikes). */
+   PyTorch's mul, add_ and add_ would: acc and residual are bf16 (small integers, 0/1 spikes).
+   out's row r, column j: (r / out_lseq)·out_bs + (r %% out_lseq)·out_rs + (out_cols ? out_cols[j] : j). */
 void %(affine)s(const uint16_t *acc, int64_t acc_rs, const REAL *scale, const REAL *bias,
                 const uint16_t *res, int64_t res_rs, REAL *out, int64_t out_rs,
+                int64_t out_lseq, int64_t out_bs, const int64_t *out_cols,
                 int64_t R, int64_t W, int threads)
 {
     #pragma omp parallel for num_threads(threads) if(threads > 1) schedule(static)
     for (int64_t r = 0; r < R; ++r) {
         const uint16_t *restrict a = acc + r * acc_rs;
-        REAL *restrict o = out + r * out_rs;
-        for (int64_t j = 0; j < W; ++j) o[j] = (REAL)bf16_to_float(a[j]) * scale[j];
-        if (bias) for (int64_t j = 0; j < W; ++j) o[j] = o[j] + bias[j];
-        if (res) {
-            const uint16_t *restrict p = res + r * res_rs;
-            for (int64_t j = 0; j < W; ++j) o[j] = o[j] + (REAL)bf16_to_float(p[j]);
+        REAL v[BLOCK];
+        REAL *restrict o = out + (r / out_lseq) * out_bs + (r %% out_lseq) * out_rs;
+        for (int64_t j0 = 0; j0 < W; j0 += BLOCK) {
+            const int64_t n = W - j0 < BLOCK ? W - j0 : BLOCK;
+            REAL *restrict d = out_cols ? v : o + j0;
+            for (int64_t j = 0; j < n; ++j) d[j] = (REAL)bf16_to_float(a[j0 + j]) * scale[j0 + j];
+            if (bias) for (int64_t j = 0; j < n; ++j) d[j] = d[j] + bias[j0 + j];
+            if (res) {
+                const uint16_t *restrict p = res + r * res_rs + j0;
+                for (int64_t j = 0; j < n; ++j) d[j] = d[j] + (REAL)bf16_to_float(p[j]);
+            }
+            if (out_cols) for (int64_t j = 0; j < n; ++j) o[out_cols[j0 + j]] = v[j];
         }
     }
 }
@@ -282,18 +319,14 @@ def _library():
             except OSError as e:
                 errors.append(str(e))
                 continue
-            args = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                    ctypes.c_int64, ctypes.c_int64,
-                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                    ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                    ctypes.c_double, ctypes.c_double, ctypes.c_int]
+            i64, ptr = ctypes.c_int64, ctypes.c_void_p
+            args = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, ptr,  # current, its layout
+                    ptr, ptr, i64, i64, i64, i64, ptr,  # out, out_bf16, their layout
+                    ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_double, ctypes.c_double, ctypes.c_int]
             for fn in (lib.scan_f32, lib.scan_f64):
                 fn.argtypes, fn.restype = args, ctypes.c_int
             for fn in (lib.affine_f32, lib.affine_f64):
-                fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
-                               ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
-                               ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+                fn.argtypes = [ptr, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i64, ptr, i64, i64, ctypes.c_int]
                 fn.restype = None
             return lib
     warnings.warn("spikingbert_sim: the compiled CPU scan is unavailable, using PyTorch's "
@@ -330,11 +363,43 @@ def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+class Layout(NamedTuple):
+    """Where row ``r``, column ``j`` of a (t, R, W) operand lives in a contiguous tensor, in
+    elements: ``t·ts + (r // lseq)·bs + (r % lseq)·rs + cols[j]`` (R = sequences × lseq tokens)."""
+
+    ts: int
+    lseq: int
+    bs: int
+    rs: int
+    cols: Tensor
+
+
+def head_layout(batch: int, seq: int, heads: int, head_dim: int, transposed: bool = False) -> Layout:
+    """The per-head layout of a (t, B, L, H·dh) operand: a (t, B, H, L, dh) tensor, or with
+    ``transposed`` a (t, B, H, dh, L) one (attention's Kᵀ), so that the per-head products read
+    contiguous operands with no re-layout copy."""
+    D = heads * head_dim
+    h = torch.arange(heads, dtype=torch.int64)[:, None]
+    d = torch.arange(head_dim, dtype=torch.int64)[None, :]
+    if transposed:
+        return Layout(batch * D * seq, seq, D * seq, 1, (h * head_dim * seq + d * seq).reshape(-1).contiguous())
+    return Layout(batch * D * seq, seq, D * seq, head_dim, (h * seq * head_dim + d).reshape(-1).contiguous())
+
+
+def _check_layout(name: str, t: Tensor, layout: Layout, T: int | None, R: int, W: int) -> None:
+    """``T`` None: the steps are folded into the R rows (:func:`affine`), so ``layout.ts`` is unused."""
+    if not t.is_contiguous() or t.numel() != (T or 1) * R * W or (T is not None and layout.ts * T != t.numel()) \
+            or R % layout.lseq \
+            or layout.cols.dtype != torch.int64 or layout.cols.shape != (W,) or not layout.cols.is_contiguous():
+        raise ValueError(f"{name} must be a contiguous tensor of t·R·W elements matching its layout")
+
+
 def scan(current: Tensor, mem: Tensor, *, threshold: float = 1.0, leak: float = 1.0,
          out: Tensor | None = None, out_bf16: Tensor | None = None, float_out: bool = True,
          weighted: Tensor | None = None, counts: Tensor | None = None,
          valid: Tensor | None = None, scale: Tensor | None = None,
-         bias: Tensor | None = None) -> Tensor:
+         bias: Tensor | None = None, in_layout: Layout | None = None,
+         out_layout: Layout | None = None) -> Tensor:
     """Run the neuron over ``current`` (t, R, W) from membrane ``mem`` (R, W), updating ``mem``.
 
     ``current`` may instead be a bf16 product accumulator (exact small integers) with ``scale``
@@ -350,12 +415,33 @@ def scan(current: Tensor, mem: Tensor, *, threshold: float = 1.0, leak: float = 
     step, the number of spikes at rows where ``valid`` (R,) is nonzero (all rows when None).
     ``mem`` must be contiguous and of ``current``'s dtype (float32 or float64). Returns the
     spikes: ``out``, or ``out_bf16`` without ``float_out``.
+
+    ``in_layout`` / ``out_layout`` (:func:`head_layout`): ``current`` / ``out`` and ``out_bf16``
+    are contiguous tensors of another shape (t, B, H, L, dh), say, holding the (t, R, W) operand
+    in that layout (``out`` must then be given; ``current`` float, not an accumulator).
     """
     lib = _library()
     if lib is None:
         raise RuntimeError("the compiled scan is unavailable (see native.available())")
+    R, W = mem.shape if mem.dim() == 2 else (-1, -1)
+    T = current.shape[0]
+    if in_layout is not None:
+        _check_layout("current", current, in_layout, T, R, W)
+        current = current.view(T, R, W)  # only for the checks below: the kernel uses in_layout
+    if out_layout is not None:
+        if out is None and out_bf16 is None:
+            raise ValueError("out_layout needs out (or out_bf16) to write into")
+        layout_out = out if out is not None else out_bf16
+        _check_layout("out", layout_out, out_layout, T, R, W)
+        shaped = [None if x is None else x.view(T, R, W) for x in (out, out_bf16)]
+        originals = (out, out_bf16)
+        out, out_bf16 = shaped
+    if current.dim() != 3:
+        raise ValueError("current must be a (t, R, W) tensor")
     T, R, W = current.shape
     fused = current.dtype == torch.bfloat16
+    if fused and in_layout is not None:
+        raise ValueError("a bf16 accumulator is read row-major only (no in_layout)")
     dtype = mem.dtype if fused else current.dtype
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"the compiled scan runs float32 or float64 (or a bf16 accumulator with a scale), not {dtype}")
@@ -384,26 +470,32 @@ def scan(current: Tensor, mem: Tensor, *, threshold: float = 1.0, leak: float = 
         valid = valid.reshape(R).to(torch.uint8).contiguous()
     fn = lib.scan_f32 if dtype == torch.float32 else lib.scan_f64
     threads = max(1, min(torch.get_num_threads(), R, (T * R * W) // MIN_SPLIT))
-    layout = out if out is not None else out_bf16
+    ol = out if out is not None else out_bf16
+    li = in_layout or Layout(current.stride(0), R, R * current.stride(1), current.stride(1), None)
+    lo = out_layout or Layout(ol.stride(0), R, R * ol.stride(1), ol.stride(1), None)
     failed = fn(None if fused else current.data_ptr(), current.data_ptr() if fused else None,
-                _ptr(scale), _ptr(bias), current.stride(0), current.stride(1),
-                _ptr(out), _ptr(out_bf16), layout.stride(0), layout.stride(1),
+                _ptr(scale), _ptr(bias), li.ts, li.rs, li.lseq, li.bs, _ptr(li.cols),
+                _ptr(out), _ptr(out_bf16), lo.ts, lo.rs, lo.lseq, lo.bs, _ptr(lo.cols),
                 mem.data_ptr(), _ptr(weighted), _ptr(valid), _ptr(counts),
                 T, R, W, float(threshold), float(leak), threads)
     if failed:
         raise MemoryError("the compiled scan could not allocate its step counts")
+    if out_layout is not None:
+        out, out_bf16 = originals
     return out if float_out else out_bf16
 
 
 def affine(acc: Tensor, scale: Tensor, bias: Tensor | None = None, residual: Tensor | None = None,
-           out: Tensor | None = None) -> Tensor:
+           out: Tensor | None = None, out_layout: Layout | None = None) -> Tensor:
     """``(acc·scale + bias) + residual`` in ``scale``'s dtype (float32 or float64), in one pass.
 
     ``acc`` (..., W): a bf16 product accumulator (exact small integers); ``residual``: bf16 0/1
     spikes of the same shape, or None. Each operation is rounded as PyTorch's ``mul``, ``add_``
     and ``add_`` in that order would round it, so the result equals theirs bit for bit. Any
     leading-axes layout whose rows merge into one stride (a column slice of a contiguous tensor)
-    is accepted; ``out`` is allocated contiguous when None.
+    is accepted; ``out`` is allocated contiguous when None. ``out_layout`` (:func:`head_layout`,
+    whose ``lseq`` divides the rows): ``out``, a contiguous tensor of another shape, holds the
+    result in that layout.
     """
     lib = _library()
     if lib is None:
@@ -411,7 +503,12 @@ def affine(acc: Tensor, scale: Tensor, bias: Tensor | None = None, residual: Ten
     dtype, W = scale.dtype, acc.shape[-1]
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"affine runs float32 or float64, not {dtype}")
-    if out is None:
+    if out_layout is not None:
+        if out is None or out.dtype != dtype:
+            raise ValueError(f"out_layout needs out, a {dtype} tensor to write into")
+        rows_all = acc.numel() // max(W, 1)
+        _check_layout("out", out, out_layout, None, rows_all, W)
+    elif out is None:
         out = torch.empty(acc.shape, dtype=dtype)
 
     def rows(name: str, t: Tensor | None, want: torch.dtype) -> Tensor | None:
@@ -424,13 +521,15 @@ def affine(acc: Tensor, scale: Tensor, bias: Tensor | None = None, residual: Ten
         except RuntimeError:
             raise ValueError(f"{name}'s rows must merge into one stride") from None
 
-    a, r, o = rows("acc", acc, torch.bfloat16), rows("residual", residual, torch.bfloat16), rows("out", out, dtype)
+    a, r = rows("acc", acc, torch.bfloat16), rows("residual", residual, torch.bfloat16)
+    o = rows("out", out, dtype) if out_layout is None else out
     for name, t in (("scale", scale), ("bias", bias)):
         if t is not None and (t.dtype != dtype or t.shape != (W,) or not t.is_contiguous()):
             raise ValueError(f"{name} must be a contiguous {dtype} (W,) tensor")
     R = a.shape[0]
     threads = max(1, min(torch.get_num_threads(), R, (R * W) // MIN_SPLIT))
     fn = lib.affine_f32 if dtype == torch.float32 else lib.affine_f64
+    lo = out_layout or Layout(0, R, R * o.stride(0), o.stride(0), None)
     fn(a.data_ptr(), a.stride(0), scale.data_ptr(), _ptr(bias), _ptr(r), 0 if r is None else r.stride(0),
-       o.data_ptr(), o.stride(0), R, W, threads)
+       o.data_ptr(), lo.rs, lo.lseq, lo.bs, _ptr(lo.cols), R, W, threads)
     return out

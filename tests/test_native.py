@@ -140,6 +140,57 @@ def test_affine_rejects_bad_arguments(bad, match):
         native.affine(args.pop("acc"), args.pop("scale"), **args)
 
 
+def heads(x, B, L, H, dh, transposed=False):
+    """(t, R, W) -> the per-head layout (t, B, H, L, dh), or (t, B, H, dh, L) transposed."""
+    y = x.reshape(x.shape[0], B, L, H, dh).permute(0, 1, 3, 2, 4)
+    return (y.transpose(-1, -2) if transposed else y).contiguous()
+
+
+@needs_native
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_scan_reads_and_writes_per_head_layouts(transposed, dtype):
+    B, L, H, dh = 3, 5, 4, 6  # W = 24: groups of rows cross sequence boundaries
+    R, W = B * L, H * dh
+    cur = currents(T, R, W, dtype, seed=10)
+    ref, ref_mem = kernels.scan_torch(cur, 0.8, 0.9, None)
+    layout = native.head_layout(B, L, H, dh, transposed)
+    # spikes written per head (float and bf16), membranes and counts as usual
+    out = torch.full(heads(cur, B, L, H, dh, transposed).shape, 7.0, dtype=dtype)
+    low = torch.zeros(out.shape, dtype=torch.bfloat16)
+    mem, counts = torch.zeros(R, W, dtype=dtype), torch.zeros(T, dtype=torch.int64)
+    got = native.scan(cur, mem, threshold=0.8, leak=0.9, out=out, out_bf16=low, out_layout=layout, counts=counts)
+    assert got is out
+    assert torch.equal(out, heads(ref, B, L, H, dh, transposed))
+    assert torch.equal(low.to(dtype), out) and torch.equal(mem, ref_mem)
+    assert torch.equal(counts, ref.sum((1, 2)).to(torch.int64))
+    # currents read per head (attention's context), spikes row-major
+    if not transposed:
+        mem = torch.zeros(R, W, dtype=dtype)
+        got = native.scan(heads(cur, B, L, H, dh), mem, threshold=0.8, leak=0.9, in_layout=layout)
+        assert torch.equal(got, ref) and torch.equal(mem, ref_mem)
+    with pytest.raises(ValueError, match="matching its layout"):
+        native.scan(cur, torch.zeros(R, W, dtype=dtype), out=out[:, :2], out_layout=layout)
+    with pytest.raises(ValueError, match="needs out"):
+        native.scan(cur, torch.zeros(R, W, dtype=dtype), out_layout=layout)
+
+
+@needs_native
+def test_affine_writes_a_per_head_layout():
+    t, B, L, H, dh = 4, 2, 7, 3, 8
+    W = H * dh
+    g = torch.Generator().manual_seed(11)
+    acc = torch.randint(-90, 91, (t, B, L, 2 * W), generator=g).to(torch.bfloat16)[..., W:]
+    scale, bias = torch.rand(W, generator=g) / 3, torch.randn(W, generator=g)
+    out = torch.empty(t, B, H, L, dh)
+    got = native.affine(acc, scale, bias, out=out, out_layout=native.head_layout(B, L, H, dh))
+    assert got is out
+    ref = torch.mul(acc, scale).add_(bias)
+    assert torch.equal(out, heads(ref.reshape(t, B * L, W), B, L, H, dh))
+    with pytest.raises(ValueError, match="needs out"):
+        native.affine(acc, scale, bias, out_layout=native.head_layout(B, L, H, dh))
+
+
 @needs_native
 def test_scan_refuses_a_scale_without_a_bf16_accumulator_and_the_reverse():
     with pytest.raises(ValueError, match="scale"):
@@ -226,7 +277,7 @@ def test_engine_with_and_without_the_compiled_scan_equals_the_reference(make_mod
     ids, mask = batch
     if not padded:
         mask = torch.ones_like(mask)
-    rec = RecordOptions(per_neuron=True, sites=("layer.1.intermediate",), logits_trace=True,
+    rec = RecordOptions(per_neuron=True, sites=("layer.1.intermediate", "layer.0.key"), logits_trace=True,
                         raster_sites=("layer.0.value", "layer.1.output"), raster_sequences=(0, 2),
                         raster_tokens=(1, 3), raster_neurons=5)
     opts = EngineOptions(backend="torch", chunk_steps=5)
