@@ -79,11 +79,34 @@ _PER_TYPE = r"""
 /* Where row r, column j of a (t, R, W) operand lives: t·ts + (r / lseq)·bs + (r %% lseq)·rs +
    (cols ? cols[j] : j). A plain row-major tensor has lseq = R (one "sequence"); a per-head layout
    such as (t, B, H, L, dh) has lseq = L and a column table. */
-typedef struct { int64_t ts, rs, lseq, bs; const int64_t *cols; } %(name)s_layout;
+typedef struct { int64_t ts, rs, lseq, bs; const int64_t *cols; int64_t run; } %(name)s_layout;
+
+/* The length of the runs of consecutive columns that lie side by side in a column table (a head's
+   dh columns in a per-head layout), when every run has that length and it divides n; else 1. */
+static int64_t %(name)s_run(const int64_t *cols, int64_t W, int64_t n)
+{
+    if (!cols || W < 1) return 1;
+    int64_t run = 1;
+    while (run < W && cols[run] == cols[run - 1] + 1) ++run;
+    if (n %% run || W %% run) return 1;
+    for (int64_t j = 0; j < W; ++j)
+        if (cols[j] != cols[j - j %% run] + j %% run) return 1;
+    return run;
+}
 
 static inline int64_t %(name)s_row(const %(name)s_layout *l, int64_t r)
 {
     return (r / l->lseq) * l->bs + (r %% l->lseq) * l->rs;
+}
+
+/* d[0..len) = s[0..len): a per-head run (dh values), in whole 64-byte vectors where it can */
+static inline void %(name)s_copy(REAL *restrict d, const REAL *restrict s, int64_t len)
+{
+    enum { VEC = 64 / (int)sizeof(REAL) };
+    if (len %% VEC == 0) {
+        for (int64_t k = 0; k < len; k += VEC)
+            for (int q = 0; q < VEC; ++q) d[k + q] = s[k + q];
+    } else for (int64_t k = 0; k < len; ++k) d[k] = s[k];
 }
 
 /* Rows r0..r1-1 (g = r1 - r0 rows, g·n ≤ BLOCK neurons of columns j0..j0+n-1 each), all T steps:
@@ -111,9 +134,11 @@ static void %(name)s_rows(const REAL *cur, const uint16_t *cur16, const REAL *sc
     const int flat_in = !in->cols && n == W && in->rs == W && in->bs == in->lseq * W;
     const int flat_out = !ol->cols && n == W && ol->rs == W && ol->bs == ol->lseq * W;
     int64_t irow[BLOCK], orow[BLOCK];
+    int trans_out = ol->cols != 0 && ol->run == 1 && g > 1;
     for (int64_t i = 0; i < g; ++i) {
         irow[i] = %(name)s_row(in, r0 + i);
         orow[i] = %(name)s_row(ol, r0 + i);
+        trans_out = trans_out && orow[i] == orow[0] + i;
     }
     for (int64_t t = 0; t < T; ++t) {
         const REAL *restrict c = x;
@@ -131,7 +156,9 @@ static void %(name)s_rows(const REAL *cur, const uint16_t *cur16, const REAL *sc
             REAL *restrict xi = x + i * n;
             if (in->cols) {
                 const int64_t *restrict cc = in->cols + j0;
-                for (int64_t j = 0; j < n; ++j) xi[j] = ci[cc[j]];
+                const int64_t run = in->run;
+                for (int64_t jj = 0; jj < n; jj += run)  /* runs of contiguous columns */
+                    %(name)s_copy(xi + jj, ci + cc[jj], run);
             } else for (int64_t j = 0; j < n; ++j) xi[j] = ci[j0 + j];
         }
         if (leaky) for (int64_t k = 0; k < len; ++k) m[k] = m[k] * leak;
@@ -144,13 +171,33 @@ static void %(name)s_rows(const REAL *cur, const uint16_t *cur16, const REAL *sc
             sp[k] = s;
             fired_all += fired;
         }
-        for (int64_t i = 0; i < (flat_out ? 1 : g); ++i) {
+        if (trans_out) {  /* a column's g rows are side by side (Kᵀ): write them together */
+            const int64_t off = t * ol->ts + orow[0];
+            const int64_t *restrict cc = ol->cols + j0;
+            for (int64_t i = 0; i < g; ++i) {
+                const REAL *restrict si = sp + i * n;
+                if (out) {
+                    REAL *restrict d = out + off + i;
+                    for (int64_t j = 0; j < n; ++j) d[cc[j]] = si[j];
+                }
+                if (out_bf16) {
+                    uint16_t *restrict d = out_bf16 + off + i;
+                    for (int64_t j = 0; j < n; ++j) d[cc[j]] = (uint16_t)((si[j] != (REAL)0) * 0x3F80);
+                }
+            }
+        } else for (int64_t i = 0; i < (flat_out ? 1 : g); ++i) {
             const int64_t run = flat_out ? len : n, off = t * ol->ts + orow[i];
             const REAL *restrict si = sp + i * n;
             if (ol->cols) {
                 const int64_t *restrict cc = ol->cols + j0;
-                if (out) for (int64_t j = 0; j < run; ++j) out[off + cc[j]] = si[j];
-                if (out_bf16) for (int64_t j = 0; j < run; ++j) out_bf16[off + cc[j]] = (uint16_t)((si[j] != (REAL)0) * 0x3F80);
+                const int64_t cr = ol->run;
+                for (int64_t jj = 0; jj < n; jj += cr) {  /* runs of contiguous columns */
+                    if (out) %(name)s_copy(out + off + cc[jj], si + jj, cr);
+                    if (out_bf16) {
+                        uint16_t *restrict d = out_bf16 + off + cc[jj];
+                        for (int64_t k = 0; k < cr; ++k) d[k] = (uint16_t)((si[jj + k] != (REAL)0) * 0x3F80);
+                    }
+                }
                 continue;
             }
             if (out) {
@@ -192,11 +239,11 @@ int %(name)s(const REAL *cur, const uint16_t *cur16, const REAL *scale, const RE
              REAL *mem, REAL *wsum, const uint8_t *valid, int64_t *counts,
              int64_t T, int64_t R, int64_t W, double threshold, double leak, int threads)
 {
-    const %(name)s_layout in = {cur_ts, cur_rs, cur_lseq, cur_bs, cur_cols};
-    const %(name)s_layout ol = {out_ts, out_rs, out_lseq, out_bs, out_cols};
     /* work items: groups of g rows of all W columns when W fits a block, else single rows cut
        into column blocks */
     const int64_t n = W < BLOCK ? W : BLOCK;
+    const %(name)s_layout in = {cur_ts, cur_rs, cur_lseq, cur_bs, cur_cols, %(name)s_run(cur_cols, W, n)};
+    const %(name)s_layout ol = {out_ts, out_rs, out_lseq, out_bs, out_cols, %(name)s_run(out_cols, W, n)};
     const int64_t g = W < BLOCK ? (BLOCK / (W > 0 ? W : 1)) : 1;
     const int64_t colblocks = (W + n - 1) / (n > 0 ? n : 1);
     const int64_t groups = (R + g - 1) / g;
@@ -234,6 +281,7 @@ void %(affine)s(const uint16_t *acc, int64_t acc_rs, const REAL *scale, const RE
                 int64_t out_lseq, int64_t out_bs, const int64_t *out_cols,
                 int64_t R, int64_t W, int threads)
 {
+    const int64_t run = %(name)s_run(out_cols, W, W < BLOCK ? W : BLOCK);
     #pragma omp parallel for num_threads(threads) if(threads > 1) schedule(static)
     for (int64_t r = 0; r < R; ++r) {
         const uint16_t *restrict a = acc + r * acc_rs;
@@ -248,7 +296,9 @@ void %(affine)s(const uint16_t *acc, int64_t acc_rs, const REAL *scale, const RE
                 const uint16_t *restrict p = res + r * res_rs + j0;
                 for (int64_t j = 0; j < n; ++j) d[j] = d[j] + (REAL)bf16_to_float(p[j]);
             }
-            if (out_cols) for (int64_t j = 0; j < n; ++j) o[out_cols[j0 + j]] = v[j];
+            if (out_cols)
+                for (int64_t jj = 0; jj < n; jj += run)  /* runs of contiguous columns */
+                    %(name)s_copy(o + out_cols[j0 + jj], v + jj, run);
         }
     }
 }

@@ -149,8 +149,12 @@ def heads(x, B, L, H, dh, transposed=False):
 @needs_native
 @pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_scan_reads_and_writes_per_head_layouts(transposed, dtype):
-    B, L, H, dh = 3, 5, 4, 6  # W = 24: groups of rows cross sequence boundaries
+@pytest.mark.parametrize("B, L, H, dh", [
+    (3, 5, 4, 6),  # W = 24: groups of rows cross sequence boundaries
+    (2, 32, 4, 16),  # W = 64: groups of 16 rows inside a sequence (Kᵀ written a column at a time)
+    (2, 3, 2, 600),  # W = 1,200: blocks of columns, heads cut across blocks
+])
+def test_scan_reads_and_writes_per_head_layouts(transposed, dtype, B, L, H, dh):
     R, W = B * L, H * dh
     cur = currents(T, R, W, dtype, seed=10)
     ref, ref_mem = kernels.scan_torch(cur, 0.8, 0.9, None)
@@ -170,14 +174,14 @@ def test_scan_reads_and_writes_per_head_layouts(transposed, dtype):
         got = native.scan(heads(cur, B, L, H, dh), mem, threshold=0.8, leak=0.9, in_layout=layout)
         assert torch.equal(got, ref) and torch.equal(mem, ref_mem)
     with pytest.raises(ValueError, match="matching its layout"):
-        native.scan(cur, torch.zeros(R, W, dtype=dtype), out=out[:, :2], out_layout=layout)
+        native.scan(cur, torch.zeros(R, W, dtype=dtype), out=out[:, :1], out_layout=layout)
     with pytest.raises(ValueError, match="needs out"):
         native.scan(cur, torch.zeros(R, W, dtype=dtype), out_layout=layout)
 
 
 @needs_native
-def test_affine_writes_a_per_head_layout():
-    t, B, L, H, dh = 4, 2, 7, 3, 8
+@pytest.mark.parametrize("t, B, L, H, dh", [(4, 2, 7, 3, 8), (2, 2, 3, 2, 600)])
+def test_affine_writes_a_per_head_layout(t, B, L, H, dh):
     W = H * dh
     g = torch.Generator().manual_seed(11)
     acc = torch.randint(-90, 91, (t, B, L, 2 * W), generator=g).to(torch.bfloat16)[..., W:]
