@@ -11,6 +11,14 @@ t steps, and
 * counts the spikes of valid tokens at every step and updates the ASR numerator
   Σ γ^{t-τ} s[τ] as it goes (what :meth:`Recorder.block` would compute in two more passes).
 
+Two more passes serve the engine's binary/ternary products, whose bf16 accumulators hold exact
+small integers: :func:`affine` turns an accumulator into currents, ``(acc·scale + bias) +
+residual``, in one pass (PyTorch's ``mul`` first copies a bf16 tensor to float), and :func:`scan`
+takes such an accumulator with its ``scale`` and ``bias`` directly, computing each current on the
+fly (the key and value sites' currents are never written). Both read and write per-head layouts
+(:func:`head_layout`: attention's Q, Kᵀ and V as (t, B, H, L, dh) or (t, B, H, dh, L) tensors, and
+the context back), so attention's products need no re-layout copies.
+
 **Exactness.** Per neuron and step the C code does what ``scan_torch`` does, in the same order
 and precision: ``u ← u·γ`` (skipped when γ = 1, as there), ``u ← u + x``, ``s = [u > V_th]``,
 ``u ← u − V_th·s``; compiled with ``-ffp-contract=off`` so that no multiply-add is fused, its
