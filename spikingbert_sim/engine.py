@@ -11,7 +11,10 @@ before it runs. Two backends compute it:
   share one product, and scales, biases, GELU and residuals are applied in place. On the CPU each
   site's neuron runs over the chunk's steps in one compiled pass (:mod:`native`, where a C
   compiler is at hand; else ``kernels.scan_torch``, three in-place operations a step), which also
-  counts the recorder's statistics and writes the bf16 spikes that the next product reads.
+  counts the recorder's statistics and writes the bf16 spikes that the next product reads; the
+  compiled code also applies the binary/ternary products' scale, bias and residual
+  (:func:`native.affine`, or inside the key and value neurons' scan), and writes attention's
+  operands per head so that its products need no re-layout copies.
 * ``fused`` (CUDA): spike products on tensor cores in fp8 e4m3 or int8 (exact for binary/ternary
   weights), then one Triton kernel per site that applies the product's scale and bias (and GELU,
   or the residual and LayerNorm), runs the neuron over t with the membrane in registers, writes
