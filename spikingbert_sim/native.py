@@ -445,11 +445,19 @@ def head_layout(batch: int, seq: int, heads: int, head_dim: int, transposed: boo
 
 
 def _check_layout(name: str, t: Tensor, layout: Layout, T: int | None, R: int, W: int) -> None:
-    """``T`` None: the steps are folded into the R rows (:func:`affine`), so ``layout.ts`` is unused."""
-    if not t.is_contiguous() or t.numel() != (T or 1) * R * W or (T is not None and layout.ts * T != t.numel()) \
-            or R % layout.lseq \
-            or layout.cols.dtype != torch.int64 or layout.cols.shape != (W,) or not layout.cols.is_contiguous():
+    """``T`` None: the steps are folded into the R rows (:func:`affine`), so ``layout.ts`` is unused.
+    Every element the layout addresses must lie inside ``t``."""
+    steps = 1 if T is None else T
+    cols = layout.cols
+    if not t.is_contiguous() or t.numel() != steps * R * W or (T is not None and layout.ts * T != t.numel()) \
+            or layout.lseq < 1 or R % layout.lseq or cols.device.type != "cpu" \
+            or cols.dtype != torch.int64 or cols.shape != (W,) or not cols.is_contiguous():
         raise ValueError(f"{name} must be a contiguous tensor of t·R·W elements matching its layout")
+    if W and R and steps:
+        per_step = t.numel() // steps if T is not None else t.numel()
+        last = (R // layout.lseq - 1) * layout.bs + (layout.lseq - 1) * layout.rs + int(cols.max())
+        if min(layout.bs, layout.rs, int(cols.min())) < 0 or last >= per_step:
+            raise ValueError(f"{name}'s layout addresses elements outside it")
 
 
 def scan(current: Tensor, mem: Tensor, *, threshold: float = 1.0, leak: float = 1.0,
@@ -487,8 +495,8 @@ def scan(current: Tensor, mem: Tensor, *, threshold: float = 1.0, leak: float = 
         _check_layout("current", current, in_layout, T, R, W)
         current = current.view(T, R, W)  # only for the checks below: the kernel uses in_layout
     if out_layout is not None:
-        if out is None and out_bf16 is None:
-            raise ValueError("out_layout needs out (or out_bf16) to write into")
+        if out is None and (float_out or out_bf16 is None):
+            raise ValueError("out_layout needs out to write into (or out_bf16 with float_out=False)")
         layout_out = out if out is not None else out_bf16
         _check_layout("out", layout_out, out_layout, T, R, W)
         shaped = [None if x is None else x.view(T, R, W) for x in (out, out_bf16)]
@@ -506,8 +514,8 @@ def scan(current: Tensor, mem: Tensor, *, threshold: float = 1.0, leak: float = 
     if fused != (scale is not None) or (bias is not None and scale is None):
         raise ValueError("scale (and bias) go with a bf16 accumulator as current, and only with it")
     for name, t in (("scale", scale), ("bias", bias)):
-        if t is not None and (t.dtype != dtype or t.shape != (W,) or not t.is_contiguous()):
-            raise ValueError(f"{name} must be a contiguous {dtype} (W,) tensor")
+        if t is not None and (t.dtype != dtype or t.shape != (W,) or not t.is_contiguous() or t.device.type != "cpu"):
+            raise ValueError(f"{name} must be a contiguous {dtype} (W,) CPU tensor")
     if not float_out and (out is not None or out_bf16 is None):
         raise ValueError("float_out=False writes out_bf16 only: pass out_bf16 and no out")
     if out is None and float_out:
@@ -519,11 +527,15 @@ def scan(current: Tensor, mem: Tensor, *, threshold: float = 1.0, leak: float = 
             raise ValueError(f"{name} must be a CPU {want} (t, R, W) tensor with a contiguous last axis")
     if out is not None and out_bf16 is not None and out_bf16.stride() != out.stride():
         raise ValueError("out_bf16 must have out's strides")
+    for name, t in (("out", out), ("out_bf16", out_bf16)):  # no two (step, row) share memory
+        if t is not None and ((R > 1 and t.stride(1) < W) or (T > 1 and t.stride(0) < R * W)):
+            raise ValueError(f"{name}'s rows must not overlap")
     for name, t in (("mem", mem), ("weighted", weighted)):
-        if t is not None and (t.dtype != dtype or t.shape != (R, W) or not t.is_contiguous()):
-            raise ValueError(f"{name} must be a contiguous {dtype} (R, W) tensor")
-    if counts is not None and (counts.dtype != torch.int64 or counts.shape != (T,)):
-        raise ValueError("counts must be an int64 (t,) tensor")
+        if t is not None and (t.dtype != dtype or t.shape != (R, W) or not t.is_contiguous() or t.device.type != "cpu"):
+            raise ValueError(f"{name} must be a contiguous {dtype} (R, W) CPU tensor")
+    if counts is not None and (counts.dtype != torch.int64 or counts.shape != (T,) or not counts.is_contiguous()
+                               or counts.device.type != "cpu"):
+        raise ValueError("counts must be a contiguous int64 (t,) CPU tensor")
     if valid is not None:
         valid = valid.reshape(R).to(torch.uint8).contiguous()
     fn = lib.scan_f32 if dtype == torch.float32 else lib.scan_f64
@@ -582,8 +594,8 @@ def affine(acc: Tensor, scale: Tensor, bias: Tensor | None = None, residual: Ten
     a, r = rows("acc", acc, torch.bfloat16), rows("residual", residual, torch.bfloat16)
     o = rows("out", out, dtype) if out_layout is None else out
     for name, t in (("scale", scale), ("bias", bias)):
-        if t is not None and (t.dtype != dtype or t.shape != (W,) or not t.is_contiguous()):
-            raise ValueError(f"{name} must be a contiguous {dtype} (W,) tensor")
+        if t is not None and (t.dtype != dtype or t.shape != (W,) or not t.is_contiguous() or t.device.type != "cpu"):
+            raise ValueError(f"{name} must be a contiguous {dtype} (W,) CPU tensor")
     R = a.shape[0]
     threads = max(1, min(torch.get_num_threads(), R, (R * W) // MIN_SPLIT))
     fn = lib.affine_f32 if dtype == torch.float32 else lib.affine_f64

@@ -177,6 +177,17 @@ def test_scan_reads_and_writes_per_head_layouts(transposed, dtype, B, L, H, dh):
         native.scan(cur, torch.zeros(R, W, dtype=dtype), out=out[:, :1], out_layout=layout)
     with pytest.raises(ValueError, match="needs out"):
         native.scan(cur, torch.zeros(R, W, dtype=dtype), out_layout=layout)
+    with pytest.raises(ValueError, match="needs out"):  # float spikes asked for, only bf16 given
+        native.scan(cur, torch.zeros(R, W, dtype=dtype), out_bf16=low, out_layout=layout)
+    low.zero_()
+    assert native.scan(cur, torch.zeros(R, W, dtype=dtype), threshold=0.8, leak=0.9, out_bf16=low,
+                       float_out=False, out_layout=layout) is low
+    assert torch.equal(low.to(dtype), out)
+    # a layout that addresses elements outside the tensor is refused, not written
+    for bad in (layout._replace(bs=layout.bs + 1), layout._replace(cols=layout.cols + 1),
+                layout._replace(cols=layout.cols - 1)):
+        with pytest.raises(ValueError, match="outside"):
+            native.scan(cur, torch.zeros(R, W, dtype=dtype), out=out, out_layout=bad)
 
 
 @needs_native
@@ -223,6 +234,8 @@ def test_scan_carries_the_membrane_across_calls():
     (dict(counts=torch.zeros(2, dtype=torch.int32)), "counts must be"),
     (dict(out=torch.zeros(2, 4, 3).transpose(1, 2)), "out must be"),
     (dict(out_bf16=torch.zeros(2, 3, 4)), "out_bf16 must be"),
+    (dict(counts=torch.zeros(4, dtype=torch.int64)[::2]), "counts must be"),
+    (dict(out=torch.zeros(2, 1, 4).expand(2, 3, 4)), "rows must not overlap"),
 ])
 def test_scan_rejects_bad_arguments(bad, match):
     args = dict(current=torch.zeros(2, 3, 4), mem=torch.zeros(3, 4))
