@@ -218,6 +218,7 @@ class _ExactLinear:
             torch.cat([b.detach().to(device=device, dtype=dtype) for b in self.biases])
         # the compiled CPU kernels apply scale, bias (and a residual) to a bf16 accumulator in one
         # pass, or inside the neuron scan, with the same roundings
+        self.dtype = dtype
         self.native = self.cpu and dtype in (torch.float32, torch.float64) and native.available() \
             and (self.bias_row is not None or all(b is None for b in self.biases))
 
@@ -225,7 +226,7 @@ class _ExactLinear:
         """``x @ valuesᵀ``, exact; ``low``: the same 0/1 spikes already in bf16 (saves a
         conversion). On the CPU the result may be bf16 (exact integers)."""
         if self.cpu:
-            return kernels.exact_product_cpu(x, self.values, low, keep_bf16=True)
+            return kernels.exact_product_cpu(x, self.values, low, keep_bf16=True, acc_dtype=self.dtype)
         return F.linear(x, self.values)
 
     def currents(self, x: Tensor, low: Tensor | None = None, residual: Tensor | None = None,
@@ -256,9 +257,10 @@ class _ExactLinear:
         return out if residual is None else out.add_(residual)
 
     def fusable(self, acc: Tensor | None) -> bool:
-        """Whether the compiled kernels can apply scale and bias to this accumulator (a bf16
-        product on the CPU, with the compiled kernels available)."""
-        return self.exact and self.native and acc is not None and acc.dtype == torch.bfloat16
+        """Whether the compiled kernels can apply scale and bias to this accumulator (a CPU
+        product, bf16 or summed from bf16 slices in the model's dtype, with the compiled kernels
+        available)."""
+        return self.exact and self.native and acc is not None and acc.dtype in (torch.bfloat16, self.dtype)
 
     def __call__(self, x: Tensor, low: Tensor | None = None, residual: Tensor | None = None) -> list[Tensor]:
         if not self.exact:

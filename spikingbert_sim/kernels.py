@@ -404,7 +404,7 @@ def cublas_shape_ok(operand: str, M: int, K: int, N: int) -> bool:
 
 
 def exact_product_cpu(x: Tensor, values_bf16: Tensor, x_bf16: Tensor | None = None,
-                      keep_bf16: bool = False) -> Tensor:
+                      keep_bf16: bool = False, acc_dtype: torch.dtype | None = None) -> Tensor:
     """Exact ``x @ valuesᵀ`` for 0/1 ``x`` and integer ``values`` (|v| ≤ 1), via bf16 products.
 
     bf16 products accumulate in fp32 and round the output to bf16, which holds every integer up to
@@ -413,15 +413,19 @@ def exact_product_cpu(x: Tensor, values_bf16: Tensor, x_bf16: Tensor | None = No
     times the speed of an fp32 product on CPUs with bf16 instructions. ``x``: (..., K);
     ``x_bf16``: the same values already in bf16, if the caller has them. ``keep_bf16``: where one
     product suffices (K ≤ 256), return its exact bf16 result unconverted (a caller that multiplies
-    it by a scale in x's dtype converts it in the same pass).
+    it by a scale in x's dtype converts it in the same pass). ``acc_dtype``: the dtype of the
+    result and of the slices' sum (default: x's, or float32 when x is itself bf16 spikes — a bf16
+    sum of two slices would round integers above 256).
     """
     K = x.shape[-1]
+    if acc_dtype is None:
+        acc_dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
     xb = x.to(torch.bfloat16) if x_bf16 is None else x_bf16
     if K <= EXACT_BF16_K:
         out = F.linear(xb, values_bf16)
-        return out if keep_bf16 else out.to(x.dtype)
+        return out if keep_bf16 else out.to(acc_dtype)
     out = None
     for k0 in range(0, K, EXACT_BF16_K):
-        part = F.linear(xb[..., k0:k0 + EXACT_BF16_K], values_bf16[:, k0:k0 + EXACT_BF16_K]).to(x.dtype)
+        part = F.linear(xb[..., k0:k0 + EXACT_BF16_K], values_bf16[:, k0:k0 + EXACT_BF16_K]).to(acc_dtype)
         out = part if out is None else out.add_(part)
     return out

@@ -150,12 +150,17 @@ static void %(name)s_rows(const REAL *cur, const uint16_t *cur16, const REAL *sc
     }
     for (int64_t t = 0; t < T; ++t) {
         const REAL *restrict c = x;
-        if (cur16) { /* (acc * scale) + bias, each rounded, as the unfused operations */
+        if (scale) { /* (acc * scale) + bias, each rounded, as the unfused operations */
             const REAL *restrict sc = scale + j0, *restrict bi = bias ? bias + j0 : 0;
             for (int64_t i = 0; i < g; ++i) {
-                const uint16_t *restrict a = cur16 + t * in->ts + irow[i] + j0;
                 REAL *restrict xi = x + i * n;
-                for (int64_t j = 0; j < n; ++j) xi[j] = (REAL)bf16_to_float(a[j]) * sc[j];
+                if (cur16) {  /* a bf16 accumulator */
+                    const uint16_t *restrict a = cur16 + t * in->ts + irow[i] + j0;
+                    for (int64_t j = 0; j < n; ++j) xi[j] = (REAL)bf16_to_float(a[j]) * sc[j];
+                } else {  /* a float one (products over K > 256, summed in slices) */
+                    const REAL *restrict a = cur + t * in->ts + irow[i] + j0;
+                    for (int64_t j = 0; j < n; ++j) xi[j] = a[j] * sc[j];
+                }
                 if (bi) for (int64_t j = 0; j < n; ++j) xi[j] = xi[j] + bi[j];
             }
         } else if (flat_in) c = cur + t * in->ts + irow[0] + j0;
@@ -284,7 +289,7 @@ int %(name)s(const REAL *cur, const uint16_t *cur16, const REAL *scale, const RE
 /* out[r] = (acc[r]*scale + bias) + residual[r] over rows r, each operation rounded to REAL as
    PyTorch's mul, add_ and add_ would: acc and residual are bf16 (small integers, 0/1 spikes).
    out's row r, column j: (r / out_lseq)·out_bs + (r %% out_lseq)·out_rs + (out_cols ? out_cols[j] : j). */
-void %(affine)s(const uint16_t *acc, int64_t acc_rs, const REAL *scale, const REAL *bias,
+void %(affine)s(const uint16_t *acc, const REAL *accf, int64_t acc_rs, const REAL *scale, const REAL *bias,
                 const uint16_t *res, int64_t res_rs, REAL *out, int64_t out_rs,
                 int64_t out_lseq, int64_t out_bs, const int64_t *out_cols,
                 int64_t R, int64_t W, int threads)
@@ -292,13 +297,15 @@ void %(affine)s(const uint16_t *acc, int64_t acc_rs, const REAL *scale, const RE
     const int64_t run = %(name)s_run(out_cols, W, W < BLOCK ? W : BLOCK);
     #pragma omp parallel for num_threads(threads) if(threads > 1) schedule(static)
     for (int64_t r = 0; r < R; ++r) {
-        const uint16_t *restrict a = acc + r * acc_rs;
+        const uint16_t *restrict a = acc ? acc + r * acc_rs : 0;
+        const REAL *restrict af = accf ? accf + r * acc_rs : 0;
         REAL v[BLOCK];
         REAL *restrict o = out + (r / out_lseq) * out_bs + (r %% out_lseq) * out_rs;
         for (int64_t j0 = 0; j0 < W; j0 += BLOCK) {
             const int64_t n = W - j0 < BLOCK ? W - j0 : BLOCK;
             REAL *restrict d = out_cols ? v : o + j0;
-            for (int64_t j = 0; j < n; ++j) d[j] = (REAL)bf16_to_float(a[j0 + j]) * scale[j0 + j];
+            if (a) for (int64_t j = 0; j < n; ++j) d[j] = (REAL)bf16_to_float(a[j0 + j]) * scale[j0 + j];
+            else for (int64_t j = 0; j < n; ++j) d[j] = af[j0 + j] * scale[j0 + j];
             if (bias) for (int64_t j = 0; j < n; ++j) d[j] = d[j] + bias[j0 + j];
             if (res) {
                 const uint16_t *restrict p = res + r * res_rs + j0;
@@ -384,7 +391,7 @@ def _library():
             for fn in (lib.scan_f32, lib.scan_f64):
                 fn.argtypes, fn.restype = args, ctypes.c_int
             for fn in (lib.affine_f32, lib.affine_f64):
-                fn.argtypes = [ptr, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i64, ptr, i64, i64, ctypes.c_int]
+                fn.argtypes = [ptr, ptr, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i64, ptr, i64, i64, ctypes.c_int]
                 fn.restype = None
             return lib
     warnings.warn("spikingbert_sim: the compiled CPU scan is unavailable, using PyTorch's "
@@ -468,10 +475,10 @@ def scan(current: Tensor, mem: Tensor, *, threshold: float = 1.0, leak: float = 
          out_layout: Layout | None = None) -> Tensor:
     """Run the neuron over ``current`` (t, R, W) from membrane ``mem`` (R, W), updating ``mem``.
 
-    ``current`` may instead be a bf16 product accumulator (exact small integers) with ``scale``
-    (W,) and optionally ``bias`` (W,) in ``mem``'s dtype: the neuron then takes
-    ``(current·scale) + bias`` computed on the fly, rounded as PyTorch's ``mul`` and ``add_`` (the
-    currents of a binary/ternary layer, never written to memory).
+    With ``scale`` (W,) and optionally ``bias`` (W,) in ``mem``'s dtype, ``current`` is a product
+    accumulator of exact integers (bf16, or ``mem``'s dtype for products summed in slices) and
+    the neuron takes ``(current·scale) + bias`` computed on the fly, rounded as PyTorch's ``mul``
+    and ``add_`` (the currents of a binary/ternary layer, never written to memory).
 
     ``current`` may be a stride-0 expansion over t and a column slice of a wider tensor (rows of
     stride ≥ W, contiguous last axis); ``out`` (t, R, W) likewise (allocated when None), and
@@ -505,14 +512,14 @@ def scan(current: Tensor, mem: Tensor, *, threshold: float = 1.0, leak: float = 
     if current.dim() != 3:
         raise ValueError("current must be a (t, R, W) tensor")
     T, R, W = current.shape
-    fused = current.dtype == torch.bfloat16
-    if fused and in_layout is not None:
-        raise ValueError("a bf16 accumulator is read row-major only (no in_layout)")
+    fused = current.dtype == torch.bfloat16  # a bf16 accumulator
+    if scale is not None and in_layout is not None:
+        raise ValueError("an accumulator is read row-major only (no in_layout)")
     dtype = mem.dtype if fused else current.dtype
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"the compiled scan runs float32 or float64 (or a bf16 accumulator with a scale), not {dtype}")
-    if fused != (scale is not None) or (bias is not None and scale is None):
-        raise ValueError("scale (and bias) go with a bf16 accumulator as current, and only with it")
+    if (fused and scale is None) or (bias is not None and scale is None):
+        raise ValueError("a bf16 accumulator needs its scale (and a bias goes with a scale)")
     for name, t in (("scale", scale), ("bias", bias)):
         if t is not None and (t.dtype != dtype or t.shape != (W,) or not t.is_contiguous() or t.device.type != "cpu"):
             raise ValueError(f"{name} must be a contiguous {dtype} (W,) CPU tensor")
@@ -559,7 +566,8 @@ def affine(acc: Tensor, scale: Tensor, bias: Tensor | None = None, residual: Ten
            out: Tensor | None = None, out_layout: Layout | None = None) -> Tensor:
     """``(acc·scale + bias) + residual`` in ``scale``'s dtype (float32 or float64), in one pass.
 
-    ``acc`` (..., W): a bf16 product accumulator (exact small integers); ``residual``: bf16 0/1
+    ``acc`` (..., W): a product accumulator of exact integers, bf16 or in ``scale``'s dtype;
+    ``residual``: bf16 0/1
     spikes of the same shape, or None. Each operation is rounded as PyTorch's ``mul``, ``add_``
     and ``add_`` in that order would round it, so the result equals theirs bit for bit. Any
     leading-axes layout whose rows merge into one stride (a column slice of a contiguous tensor)
@@ -591,7 +599,8 @@ def affine(acc: Tensor, scale: Tensor, bias: Tensor | None = None, residual: Ten
         except RuntimeError:
             raise ValueError(f"{name}'s rows must merge into one stride") from None
 
-    a, r = rows("acc", acc, torch.bfloat16), rows("residual", residual, torch.bfloat16)
+    low = acc.dtype == torch.bfloat16
+    a, r = rows("acc", acc, torch.bfloat16 if low else dtype), rows("residual", residual, torch.bfloat16)
     o = rows("out", out, dtype) if out_layout is None else out
     for name, t in (("scale", scale), ("bias", bias)):
         if t is not None and (t.dtype != dtype or t.shape != (W,) or not t.is_contiguous() or t.device.type != "cpu"):
@@ -600,6 +609,7 @@ def affine(acc: Tensor, scale: Tensor, bias: Tensor | None = None, residual: Ten
     threads = max(1, min(torch.get_num_threads(), R, (R * W) // MIN_SPLIT))
     fn = lib.affine_f32 if dtype == torch.float32 else lib.affine_f64
     lo = out_layout or Layout(0, R, R * o.stride(0), o.stride(0), None)
-    fn(a.data_ptr(), a.stride(0), scale.data_ptr(), _ptr(bias), _ptr(r), 0 if r is None else r.stride(0),
+    fn(a.data_ptr() if low else None, None if low else a.data_ptr(), a.stride(0), scale.data_ptr(), _ptr(bias),
+       _ptr(r), 0 if r is None else r.stride(0),
        o.data_ptr(), lo.rs, lo.lseq, lo.bs, _ptr(lo.cols), R, W, threads)
     return out

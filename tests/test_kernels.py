@@ -147,11 +147,18 @@ def test_exact_product_cpu_equals_linear_bitwise(dtype, K, mode):
         got = kernels.exact_product_cpu(spikes, values.to(torch.bfloat16))
         assert got.dtype == dtype
         assert torch.equal(got, F.linear(spikes, values.to(dtype)))
-    # the all-ones worst case really exceeds what one bf16 output could hold
+        # the engine hands it bf16 spikes (and asks for its dtype): the slices' sum stays exact
+        low = spikes.to(torch.bfloat16)
+        got = kernels.exact_product_cpu(low, values.to(torch.bfloat16), low, acc_dtype=dtype)
+        assert got.dtype == dtype and torch.equal(got, F.linear(spikes, values.to(dtype)))
+    # the all-ones worst case really exceeds what one bf16 output could hold (K = 301: a bf16 sum
+    # of the slices would round it to 300 or 302)
     if mode == "binary" and K > 256:
-        ones = torch.ones(1, K, dtype=dtype)
-        plus = torch.ones(1, K)
-        assert float(kernels.exact_product_cpu(ones, plus.bfloat16())) == K
+        for n in (K, 301):
+            ones = torch.ones(1, n, dtype=dtype)
+            plus = torch.ones(1, n)
+            assert float(kernels.exact_product_cpu(ones, plus.bfloat16())) == n
+            assert float(kernels.exact_product_cpu(ones.bfloat16(), plus.bfloat16())) == n
 
 
 # --- Triton interpreter (when Triton is installed) ----------------------------------------------

@@ -81,10 +81,13 @@ def test_scan_reads_and_writes_column_slices_and_constant_currents():
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("R, W, leak", [(37, 70, 1.0), (5, native.BLOCK + 300, 0.9)])
-def test_scan_of_a_bf16_accumulator_equals_mul_add_then_scan(dtype, R, W, leak):
-    """K and V: the neuron takes ``(acc·scale) + bias`` on the fly, as torch's mul then add_."""
+@pytest.mark.parametrize("low", [True, False])
+def test_scan_of_an_accumulator_equals_mul_add_then_scan(dtype, R, W, leak, low):
+    """K and V: the neuron takes ``(acc·scale) + bias`` on the fly, as torch's mul then add_; the
+    accumulator bf16, or in the model's dtype (a product over K > 256, summed in slices)."""
     g = torch.Generator().manual_seed(8)
-    wide = torch.randint(-60, 61, (T, R, W + 9), generator=g).to(torch.bfloat16)
+    span = 60 if low else 3000
+    wide = torch.randint(-span, span + 1, (T, R, W + 9), generator=g).to(torch.bfloat16 if low else dtype)
     acc = wide[..., 4:4 + W]  # a column slice: rows of stride W + 9
     scale = (torch.rand(W, generator=g, dtype=torch.float64) * 0.05).to(dtype)
     bias = (torch.randn(W, generator=g, dtype=torch.float64) * 0.3 + 0.2).to(dtype)
@@ -112,6 +115,9 @@ def test_affine_equals_mul_add_add_bitwise(dtype):
     full = native.affine(acc, scale, bias)
     assert full.dtype == dtype and full.is_contiguous()
     assert torch.equal(full, torch.mul(acc, scale).add_(bias))
+    wide = torch.randint(-3000, 3001, acc.shape, generator=g).to(dtype)  # a float accumulator
+    assert torch.equal(native.affine(wide, scale, bias, spikes[..., :1].expand(3, 5, 7, 120).contiguous()),
+                       torch.mul(wide, scale).add_(bias).add_(spikes[..., :1]))
     cols = slice(40, 80)  # one module's columns of a stacked product, plus a residual
     got = native.affine(acc[..., cols], scale[cols], bias[cols], spikes)
     ref = torch.mul(acc[..., cols], scale[cols]).add_(bias[cols]).add_(spikes)
@@ -125,7 +131,7 @@ def test_affine_equals_mul_add_add_bitwise(dtype):
 
 @needs_native
 @pytest.mark.parametrize("bad, match", [
-    (dict(acc=torch.zeros(4, 6)), "acc must be"),
+    (dict(acc=torch.zeros(4, 6, dtype=torch.float64)), "acc must be"),  # neither bf16 nor the scale's dtype
     (dict(scale=torch.ones(6, dtype=torch.float16)), "float32 or float64"),
     (dict(scale=torch.ones(5)), "scale must be"),
     (dict(bias=torch.ones(6, dtype=torch.float64)), "bias must be"),
@@ -207,9 +213,9 @@ def test_affine_writes_a_per_head_layout(t, B, L, H, dh):
 
 
 @needs_native
-def test_scan_refuses_a_scale_without_a_bf16_accumulator_and_the_reverse():
+def test_scan_refuses_a_bf16_accumulator_without_its_scale():
     with pytest.raises(ValueError, match="scale"):
-        native.scan(torch.zeros(2, 3, 4), torch.zeros(3, 4), scale=torch.ones(4))
+        native.scan(torch.zeros(2, 3, 4), torch.zeros(3, 4), bias=torch.ones(4))
     with pytest.raises(ValueError, match="scale"):
         native.scan(torch.zeros(2, 3, 4, dtype=torch.bfloat16), torch.zeros(3, 4))
     with pytest.raises(ValueError, match="scale must be"):
@@ -310,6 +316,20 @@ def test_engine_with_and_without_the_compiled_scan_equals_the_reference(make_mod
             assert torch.equal(result.neuron_asr_trace[site], ref.neuron_asr_trace[site]), site
     assert compiled.rasters and compiled.neuron_asr_trace
     assert torch.equal(compiled.logits_trace, ref.logits_trace)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_engine_with_products_over_more_than_256_inputs_equals_the_reference(make_model, batch, dtype):
+    """hidden 272, intermediate 300: every product sums bf16 slices into a float accumulator, which
+    the compiled kernels then scale (not the bf16 path)."""
+    model = make_model("ternary", hidden_size=272, num_attention_heads=4, intermediate_size=300).to(dtype)
+    ids, mask = batch
+    assert model.config.hidden_size > kernels.EXACT_BF16_K
+    fast = simulate_multistep(model, ids, mask, timesteps=6, options=EngineOptions(backend="torch"))
+    assert_same(fast, simulate(model, ids, mask, timesteps=6, engine="reference"))
+    r = engine.spike_mismatch(model, ids, mask, 6, EngineOptions(backend="torch"))
+    assert r["mismatch"] == 0 and r["slots"] > 0
 
 
 def test_tune_malloc_is_switchable(monkeypatch):
