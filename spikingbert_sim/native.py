@@ -436,7 +436,7 @@ class Layout(NamedTuple):
     lseq: int
     bs: int
     rs: int
-    cols: Tensor
+    cols: Tensor | None  # None: column j at offset j (a row-major tensor)
 
 
 def head_layout(batch: int, seq: int, heads: int, head_dim: int, transposed: bool = False) -> Layout:
@@ -451,6 +451,13 @@ def head_layout(batch: int, seq: int, heads: int, head_dim: int, transposed: boo
     return Layout(batch * D * seq, seq, D * seq, head_dim, (h * seq * head_dim + d).reshape(-1).contiguous())
 
 
+def _check_columns(dtype: torch.dtype, W: int, **vectors: Tensor | None) -> None:
+    """Per-column operands (a product's scale and bias): contiguous (W,) CPU tensors of ``dtype``."""
+    for name, t in vectors.items():
+        if t is not None and (t.dtype != dtype or t.shape != (W,) or not t.is_contiguous() or t.device.type != "cpu"):
+            raise ValueError(f"{name} must be a contiguous {dtype} (W,) CPU tensor")
+
+
 def _check_layout(name: str, t: Tensor, layout: Layout, T: int | None, R: int, W: int) -> None:
     """``T`` None: the steps are folded into the R rows (:func:`affine`), so ``layout.ts`` is unused.
     Every element the layout addresses must lie inside ``t``."""
@@ -461,7 +468,7 @@ def _check_layout(name: str, t: Tensor, layout: Layout, T: int | None, R: int, W
             or cols.dtype != torch.int64 or cols.shape != (W,) or not cols.is_contiguous():
         raise ValueError(f"{name} must be a contiguous tensor of t·R·W elements matching its layout")
     if W and R and steps:
-        per_step = t.numel() // steps if T is not None else t.numel()
+        per_step = t.numel() // steps
         last = (R // layout.lseq - 1) * layout.bs + (layout.lseq - 1) * layout.rs + int(cols.max())
         if min(layout.bs, layout.rs, int(cols.min())) < 0 or last >= per_step:
             raise ValueError(f"{name}'s layout addresses elements outside it")
@@ -520,9 +527,7 @@ def scan(current: Tensor, mem: Tensor, *, threshold: float = 1.0, leak: float = 
         raise ValueError(f"the compiled scan runs float32 or float64 (or a bf16 accumulator with a scale), not {dtype}")
     if (fused and scale is None) or (bias is not None and scale is None):
         raise ValueError("a bf16 accumulator needs its scale (and a bias goes with a scale)")
-    for name, t in (("scale", scale), ("bias", bias)):
-        if t is not None and (t.dtype != dtype or t.shape != (W,) or not t.is_contiguous() or t.device.type != "cpu"):
-            raise ValueError(f"{name} must be a contiguous {dtype} (W,) CPU tensor")
+    _check_columns(dtype, W, scale=scale, bias=bias)
     if not float_out and (out is not None or out_bf16 is None):
         raise ValueError("float_out=False writes out_bf16 only: pass out_bf16 and no out")
     if out is None and float_out:
@@ -567,9 +572,9 @@ def affine(acc: Tensor, scale: Tensor, bias: Tensor | None = None, residual: Ten
     """``(acc·scale + bias) + residual`` in ``scale``'s dtype (float32 or float64), in one pass.
 
     ``acc`` (..., W): a product accumulator of exact integers, bf16 or in ``scale``'s dtype;
-    ``residual``: bf16 0/1
-    spikes of the same shape, or None. Each operation is rounded as PyTorch's ``mul``, ``add_``
-    and ``add_`` in that order would round it, so the result equals theirs bit for bit. Any
+    ``residual``: bf16 0/1 spikes of the same shape, or None. Each operation is rounded as
+    PyTorch's ``mul``, ``add_`` and ``add_`` in that order would round it, so the result equals
+    theirs bit for bit. Any
     leading-axes layout whose rows merge into one stride (a column slice of a contiguous tensor)
     is accepted; ``out`` is allocated contiguous when None. ``out_layout`` (:func:`head_layout`,
     whose ``lseq`` divides the rows): ``out``, a contiguous tensor of another shape, holds the
@@ -602,9 +607,7 @@ def affine(acc: Tensor, scale: Tensor, bias: Tensor | None = None, residual: Ten
     low = acc.dtype == torch.bfloat16
     a, r = rows("acc", acc, torch.bfloat16 if low else dtype), rows("residual", residual, torch.bfloat16)
     o = rows("out", out, dtype) if out_layout is None else out
-    for name, t in (("scale", scale), ("bias", bias)):
-        if t is not None and (t.dtype != dtype or t.shape != (W,) or not t.is_contiguous() or t.device.type != "cpu"):
-            raise ValueError(f"{name} must be a contiguous {dtype} (W,) CPU tensor")
+    _check_columns(dtype, W, scale=scale, bias=bias)
     R = a.shape[0]
     threads = max(1, min(torch.get_num_threads(), R, (R * W) // MIN_SPLIT))
     fn = lib.affine_f32 if dtype == torch.float32 else lib.affine_f64
