@@ -116,6 +116,32 @@ class QuantLinear(nn.Module):
         self.register_buffer("scale", scale.detach().clone())
         self.frozen = True
 
+    def thaw(self, mode: str | None = None) -> None:
+        """Give a frozen layer a latent weight again, to continue training a packed checkpoint.
+
+        The packed values and scale are all that is left, so the latent weight is built to quantize
+        back to them: ``values · β`` for ``binary`` (centred sign and mean|W| unchanged), and
+        ``values · γ / p`` for ``ternary``, with ``p`` the fraction of non-zero values, so that
+        mean|W| is γ again and every non-zero value rounds back to ±1. With another ``mode``
+        (e.g. ``fp``) the latent weight is the dequantized matrix ``values · scale`` itself, the
+        function the frozen layer computed. The layer switches to ``mode`` (default: its own).
+        """
+        mode = self.mode if mode is None else mode
+        if mode not in WEIGHT_MODES:
+            raise ConfigError(f"weight mode must be one of {', '.join(WEIGHT_MODES)}, got {mode!r}")
+        if not self.frozen:
+            self.mode = mode
+            return
+        values, scale = self.qweight.to(self.scale.dtype), self.scale
+        latent = values * scale
+        if mode == "ternary" and self.mode == "ternary":
+            nonzero = values.ne(0).to(latent.dtype).mean()
+            if nonzero > 0:
+                latent = latent / nonzero
+        del self.qweight, self.scale
+        self.weight = nn.Parameter(latent.detach().clone())
+        self.frozen, self.mode = False, mode
+
     def forward(self, x: Tensor) -> Tensor:
         if self.mode == "fp":
             return row_stable_linear(x, self.weight, self.bias)

@@ -52,6 +52,7 @@ from .equilibrium import METHODS, SURROGATES, student_forward
 from .errors import CheckpointError, ConfigError, DataError
 from .evaluation import evaluate_student, trim_batch
 from .model import SpikingBertForSequenceClassification
+from .quantization import QuantLinear
 from .runs import METRICS_FILE
 from .solvers import SOLVERS
 
@@ -171,7 +172,7 @@ class TrainConfig:
     batch_size: int = 32  # per process
     lr: float = 5e-5  # peak learning rate of every stage
     seed: int = 42
-    init: str = "teacher"  # teacher | random | path of a spiking checkpoint (latent weights)
+    init: str = "teacher"  # teacher | random | path of a spiking checkpoint (latent or packed weights)
     layers: int = 4  # student encoder layers
     method: str = "equilibrium"  # equilibrium | bptt
     layer_map: tuple[int, ...] | None = None  # teacher hidden state per student layer; None: evenly spaced
@@ -609,9 +610,9 @@ class Trainer:
 
         c = self.config
         loaded = load_checkpoint(path).model
-        if any(getattr(m, "frozen", False) for m in loaded.modules()):
-            raise ConfigError(f"{path} holds packed (inference-only) quantized weights; initialise from a "
-                              "checkpoint with latent weights (a full-precision one, or a training last.pt)")
+        for module in loaded.modules():  # packed weights: latent weights that quantize back to them
+            if isinstance(module, QuantLinear) and module.frozen:
+                module.thaw(c.weights)
         if loaded.config.num_hidden_layers != c.layers:
             raise ConfigError(f"{path} has {loaded.config.num_hidden_layers} layers but --layers is {c.layers}")
         config = loaded.config.replace(weight_mode=c.weights, num_labels=info.num_labels, **extra)

@@ -128,6 +128,35 @@ def test_freeze_keeps_int8_values_and_scale_with_identical_outputs(mode):
     assert set(layer.state_dict()) == {"bias", "qweight", "scale"}
 
 
+@pytest.mark.parametrize("mode", ["binary", "ternary"])
+def test_thaw_gives_a_latent_weight_that_quantizes_back_to_the_frozen_layer(mode):
+    torch.manual_seed(1)
+    layer = QuantLinear(40, 12, mode=mode)
+    with torch.no_grad():
+        layer.weight.add_(0.05)  # a non-zero mean, so that binary's centring matters
+    layer.freeze()
+    values, scale = layer.qweight.float().clone(), layer.scale.clone()
+    spikes = (torch.rand(5, 40) > 0.5).float()
+    with torch.no_grad():
+        before = layer(spikes)
+    layer.thaw()
+    assert not layer.frozen and layer.mode == mode and layer.weight.requires_grad
+    assert set(layer.state_dict()) == {"bias", "weight"}
+    got_values, got_scale = quantize(layer.weight.detach(), mode)
+    assert torch.equal(got_values, values)
+    assert torch.allclose(got_scale, scale, rtol=1e-6, atol=0)
+    if mode == "ternary":  # mean|W| must stay γ: the plain dequantized matrix would shrink it to γ·p
+        assert 0 < float(values.ne(0).float().mean()) < 1
+        assert not torch.allclose(quantize(values * scale, mode)[1], scale, rtol=1e-3)
+    with torch.no_grad():
+        assert torch.allclose(layer(spikes), before, rtol=1e-6, atol=1e-6)
+    layer.freeze()
+    layer.thaw("fp")  # another mode: the dequantized matrix, the function the frozen layer computed
+    assert layer.mode == "fp" and torch.allclose(layer.weight.detach(), values * scale)
+    with pytest.raises(ConfigError, match="weight mode"):
+        QuantLinear(3, 3, mode=mode).thaw("int2")
+
+
 def test_freeze_is_a_no_op_in_fp_mode():
     layer = QuantLinear(4, 3, mode="fp")
     layer.freeze()

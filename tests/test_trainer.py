@@ -115,10 +115,20 @@ def test_init_random_and_from_a_checkpoint_without_teacher(assets, tmp_path):
     assert model.config.weight_mode == "binary"
     with pytest.raises(ConfigError, match="needs a teacher"):
         config(assets, tmp_path / "x", teacher=None, stage="kd")
-    save_checkpoint(start.model.freeze_quantized(), tmp_path / "packed.pt", meta=start.meta)
-    with pytest.raises(ConfigError, match="packed"):
-        train(config(assets, tmp_path / "y", init=str(tmp_path / "packed.pt"), teacher=None, stage="finetune"),
-              progress=False)
+    # A packed (shipped) checkpoint continues training from latent weights that quantize back to it:
+    # after one step at a negligible learning rate every layer still holds the packed values and scale.
+    packed = start.model.freeze_quantized()
+    save_checkpoint(packed, tmp_path / "packed.pt", meta=start.meta)
+    out = tmp_path / "from_packed"
+    train(config(assets, out, init=str(tmp_path / "packed.pt"), teacher=None, stage="finetune", max_steps=1,
+                 lr=1e-12), progress=False)
+    resumed = dict(load_checkpoint(out / "last.pt").model.named_modules())
+    frozen = [(name, m) for name, m in packed.named_modules() if getattr(m, "frozen", False)]
+    assert len(frozen) == 2 * 6
+    for name, module in frozen:
+        values, scale = resumed[name].quantized()
+        assert torch.equal(values, module.qweight.float()), name
+        assert torch.allclose(scale, module.scale, rtol=1e-5, atol=0), name
 
 
 def test_refusals_leave_existing_checkpoints_untouched(assets, tmp_path):
