@@ -39,31 +39,28 @@ spikesim export --force --checkpoint "$R/sst2/fp-b-pred/best.pt" --out checkpoin
 #    (the 1.58-bit student of this step, 83.6, was shipped until 2026-12-06; step 6 continues it)
 spikesim export --force --checkpoint "$R/sst2/ternary-b-pred/best.pt" --out "$R/sst2/ternary-b.pt"
 spikesim export --force --checkpoint "$R/sst2/binary-b-pred/best.pt" --out checkpoints/sst2-1bit.pt
-# 5. (experiment, not shipped: it did not beat step 4) two epochs of fine-tuning on the true labels, continuing
-#    the shipped quantized students from their packed files (OMP_NUM_THREADS=1, two jobs side by side, ~1 s/step,
-#    1 h 30 min each with the dev evaluations); no teacher needed
+# Steps 5-7 continue step 4's quantized files (packed weights thawed to latent ones by --init), with these options:
+declare -A start=([ternary]="$R/sst2/ternary-b.pt" [binary]=checkpoints/sst2-1bit.pt)
+cont=(--task sst2 --data "$G" --method steady_state --batch-size 32 --lr 5e-5 --save-every 200 --eval-timesteps 80
+      --log-every 100 --resume)
+# 5. (experiment, not shipped: it did not beat step 4) two epochs of fine-tuning on the true labels
+#    (OMP_NUM_THREADS=1, two jobs side by side, ~1 s/step, 1 h 30 min each with the dev evaluations); no teacher needed
 for w in ternary binary; do
-  f=$([ $w = ternary ] && echo "$R/sst2/ternary-b.pt" || echo checkpoints/sst2-1bit.pt)
-  spikesim train --task sst2 --data "$G" --weights $w --stage finetune --method steady_state --init "$f" \
-      --max-steps 4200 --eval-every 700 --save-every 200 --eval-timesteps 80 --lr 5e-5 --batch-size 32 --seed 42 \
-      --log-every 100 --resume --out "$R/sst2/$w-c-ft"
+  spikesim train "${cont[@]}" --weights $w --stage finetune --init "${start[$w]}" --max-steps 4200 --eval-every 700 \
+      --seed 42 --out "$R/sst2/$w-c-ft"
 done
 # 6. the shipped 1.58-bit student: one more soft-label stage (teacher needed) from step 4's file, 2,100 steps at lr 5e-5
 #    with a new data order (seed 43) (OMP_NUM_THREADS=1, two jobs side by side, ~1.5 s/step, 1 h with the evaluations);
 #    the same for the 1-bit student did not beat its step-4 file (83.1 / 83.3 / 82.6 against 83.7), which stays shipped
 for w in ternary binary; do
-  f=$([ $w = ternary ] && echo "$R/sst2/ternary-b.pt" || echo checkpoints/sst2-1bit.pt)
-  spikesim train --task sst2 --data "$G" --teacher "$TE" --weights $w --stage predict --method steady_state --init "$f" \
-      --max-steps 2100 --eval-every 700 --save-every 200 --eval-timesteps 80 --lr 5e-5 --batch-size 32 --seed 43 \
-      --log-every 100 --resume --out "$R/sst2/$w-d-pred"
+  spikesim train "${cont[@]}" --teacher "$TE" --weights $w --stage predict --init "${start[$w]}" --max-steps 2100 \
+      --eval-every 700 --seed 43 --out "$R/sst2/$w-d-pred"
 done
 spikesim export --force --checkpoint "$R/sst2/ternary-d-pred/best.pt" --out checkpoints/sst2-1.58bit.pt
 # 7. (experiment, not shipped) the 1-bit student again, with 500 intermediate-KD steps before the soft-label stage
-#    (lr 5e-5, seed 43; OMP_NUM_THREADS=1 beside evaluation jobs, 1.5 s/step, 57 min): 82.7 after
+#    (lr 5e-5, seed 43; OMP_NUM_THREADS=1 beside evaluation jobs, 1.5 s/step, 54 min): 82.7 after
 #    the KD steps, 82.3 and 82.3 after 700 and 1,400 soft-label steps, against 83.7
-c=(--task sst2 --data "$G" --teacher "$TE" --weights binary --method steady_state --batch-size 32 --seed 43 --lr 5e-5
-   --log-every 100 --save-every 200 --eval-timesteps 80 --resume)
-spikesim train "${c[@]}" --stage kd --max-steps 500 --eval-every 1000000 --init checkpoints/sst2-1bit.pt \
-    --out "$R/sst2/binary-e-kd"
-spikesim train "${c[@]}" --stage predict --max-steps 1400 --eval-every 700 --init "$R/sst2/binary-e-kd/last.pt" \
-    --out "$R/sst2/binary-e-pred"
+spikesim train "${cont[@]}" --teacher "$TE" --weights binary --seed 43 --stage kd --max-steps 500 --eval-every 1000000 \
+    --init "${start[binary]}" --out "$R/sst2/binary-e-kd"
+spikesim train "${cont[@]}" --teacher "$TE" --weights binary --seed 43 --stage predict --max-steps 1400 --eval-every 700 \
+    --init "$R/sst2/binary-e-kd/last.pt" --out "$R/sst2/binary-e-pred"
