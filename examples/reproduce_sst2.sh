@@ -41,30 +41,31 @@ spikesim export --force --checkpoint "$R/sst2/fp-b-pred/best.pt" --out "$R/sst2/
 #    (the 1.58-bit student of this step, 83.6, was shipped until 2026-12-06; step 6 continues it)
 spikesim export --force --checkpoint "$R/sst2/ternary-b-pred/best.pt" --out "$R/sst2/ternary-b.pt"
 spikesim export --force --checkpoint "$R/sst2/binary-b-pred/best.pt" --out checkpoints/sst2-1bit.pt
-# Steps 5-7 continue step 4's quantized files (packed weights thawed to latent ones by --init), with these options:
+# Steps 5-7 continue step 4's quantized files (packed weights thawed to latent ones by --init) at lr 5e-5, with these
+# options (step 8 uses them too):
 declare -A start=([ternary]="$R/sst2/ternary-b.pt" [binary]=checkpoints/sst2-1bit.pt)
-cont=(--task sst2 --data "$G" --method steady_state --batch-size 32 --lr 5e-5 --save-every 200 --eval-timesteps 80
+cont=(--task sst2 --data "$G" --method steady_state --batch-size 32 --save-every 200 --eval-timesteps 80
       --log-every 100 --resume)
 # 5. (experiment, not shipped: it did not beat step 4) two epochs of fine-tuning on the true labels
 #    (OMP_NUM_THREADS=1, two jobs side by side, ~1 s/step, 1 h 30 min each with the dev evaluations); no teacher needed
 for w in ternary binary; do
-  spikesim train "${cont[@]}" --weights $w --stage finetune --init "${start[$w]}" --max-steps 4200 --eval-every 700 \
+  spikesim train "${cont[@]}" --weights $w --stage finetune --init "${start[$w]}" --lr 5e-5 --max-steps 4200 --eval-every 700 \
       --seed 42 --out "$R/sst2/$w-c-ft"
 done
 # 6. the shipped 1.58-bit student: one more soft-label stage (teacher needed) from step 4's file, 2,100 steps at lr 5e-5
 #    with a new data order (seed 43) (OMP_NUM_THREADS=1, two jobs side by side, ~1.5 s/step, 1 h with the evaluations);
 #    the same for the 1-bit student did not beat its step-4 file (83.1 / 83.3 / 82.6 against 83.7), which stays shipped
 for w in ternary binary; do
-  spikesim train "${cont[@]}" --teacher "$TE" --weights $w --stage predict --init "${start[$w]}" --max-steps 2100 \
+  spikesim train "${cont[@]}" --teacher "$TE" --weights $w --stage predict --init "${start[$w]}" --lr 5e-5 --max-steps 2100 \
       --eval-every 700 --seed 43 --out "$R/sst2/$w-d-pred"
 done
 spikesim export --force --checkpoint "$R/sst2/ternary-d-pred/best.pt" --out checkpoints/sst2-1.58bit.pt
 # 7. (experiment, not shipped) the 1-bit student again, with 500 intermediate-KD steps before the soft-label stage
 #    (lr 5e-5, seed 43; OMP_NUM_THREADS=1 beside evaluation jobs, 1.5 s/step, 54 min): 82.7 after
 #    the KD steps, 82.3 and 82.3 after 700 and 1,400 soft-label steps, against 83.7
-spikesim train "${cont[@]}" --teacher "$TE" --weights binary --seed 43 --stage kd --max-steps 500 --eval-every 1000000 \
+spikesim train "${cont[@]}" --teacher "$TE" --weights binary --seed 43 --lr 5e-5 --stage kd --max-steps 500 --eval-every 1000000 \
     --init "${start[binary]}" --out "$R/sst2/binary-e-kd"
-spikesim train "${cont[@]}" --teacher "$TE" --weights binary --seed 43 --stage predict --max-steps 1400 --eval-every 700 \
+spikesim train "${cont[@]}" --teacher "$TE" --weights binary --seed 43 --lr 5e-5 --stage predict --max-steps 1400 --eval-every 700 \
     --init "$R/sst2/binary-e-kd/last.pt" --out "$R/sst2/binary-e-pred"
 # 8. the shipped full-precision student: 2,400 more intermediate-KD steps from step 4's file (lr 1e-4, seed 43), then
 #    1,200 soft-label steps (OMP_NUM_THREADS=1 beside a second job, 1.2-1.5 s/step, 1 h 35 min with the evaluations):
