@@ -23,14 +23,17 @@ spikesim train "${common[@]}" --weights fp --stage kd --max-steps 2000 --eval-ev
     --init "$R/sst2/fp-a-kd/last.pt" --out "$R/sst2/fp-b-kd"
 spikesim train "${common[@]}" --weights fp --stage predict --max-steps 1200 --eval-every 600 --eval-timesteps 80 \
     --init "$R/sst2/fp-b-kd/last.pt" --out "$R/sst2/fp-b-pred"
-# 3. 1.58-bit and 1-bit students start from the shipped full-precision student (fp-b-pred), then the same two
+# a quantized student from INIT: intermediate KD, then soft-label KD evaluated at T = 80 every EVERY steps
+quantize() {  # WEIGHTS INIT NAME KD_STEPS PREDICT_STEPS EVERY [more train options]
+  local w=$1 init=$2 name=$3 kd=$4 predict=$5 every=$6; shift 6
+  spikesim train "${common[@]}" --weights $w --stage kd --max-steps $kd --eval-every 1000000 --eval-timesteps 80 \
+      "$@" --init "$init" --out "$R/sst2/$name-kd"
+  spikesim train "${common[@]}" --weights $w --stage predict --max-steps $predict --eval-every $every --eval-timesteps 80 \
+      "$@" --init "$R/sst2/$name-kd/last.pt" --out "$R/sst2/$name-pred"
+}
+# 3. 1.58-bit and 1-bit students start from step 2b's full-precision student (fp-b-pred), then the same two
 #    stages (OMP_NUM_THREADS=1, two or three jobs side by side: ~2 s/step, 1 h 40 min each)
-for w in ternary binary; do
-  spikesim train "${common[@]}" --weights $w --stage kd --max-steps 500 --eval-every 1000000 --eval-timesteps 80 \
-      --init "$R/sst2/fp-b-pred/best.pt" --out "$R/sst2/$w-b-kd"
-  spikesim train "${common[@]}" --weights $w --stage predict --max-steps 2000 --eval-every 1000 --eval-timesteps 80 \
-      --init "$R/sst2/$w-b-kd/last.pt" --out "$R/sst2/$w-b-pred"
-done
+for w in ternary binary; do quantize $w "$R/sst2/fp-b-pred/best.pt" $w-b 500 2000 1000; done
 # 3b. ablation without intermediate KD: the full-precision student's soft-label stage alone, from the teacher's layers
 spikesim train "${common[@]}" --weights fp --stage predict --max-steps 1200 --eval-every 600 --eval-timesteps 80 \
     --out "$R/sst2/nokd-fp-pred"
@@ -79,12 +82,9 @@ spikesim export --force --checkpoint "$R/sst2/fp-c-pred/best.pt" --out checkpoin
 # 9. (experiment, not shipped) 1.58-bit and 1-bit students re-made from step 8's student with a shorter schedule than
 #    step 3's: 300 intermediate-KD steps, then 900 soft-label steps (lr 1e-4, seed 42; OMP_NUM_THREADS=1, two or three
 #    jobs side by side, ~2 s/step, 50 min each): dev 82.8 / 82.7 after the KD steps, 83.7 (1.58-bit) and 82.8 (1-bit)
-#    after the soft-label steps, against the shipped 84.1 and 83.7
+#    after the soft-label steps, against the 84.1 and 83.7 then shipped (steps 6 and 4)
 for w in ternary binary; do
-  spikesim train "${common[@]}" --weights $w --stage kd --max-steps 300 --eval-every 1000000 --eval-timesteps 80 \
-      --save-every 100 --log-every 100 --init "$R/sst2/fp-c-pred/best.pt" --out "$R/sst2/$w-f-kd"
-  spikesim train "${common[@]}" --weights $w --stage predict --max-steps 900 --eval-every 900 --eval-timesteps 80 \
-      --save-every 100 --log-every 100 --init "$R/sst2/$w-f-kd/last.pt" --out "$R/sst2/$w-f-pred"
+  quantize $w "$R/sst2/fp-c-pred/best.pt" $w-f 300 900 900 --save-every 100 --log-every 100
 done
 # 10. step 9 with step 3's full schedule: 500 intermediate-KD steps, then 2,000 soft-label
 #     steps (lr 1e-4, seed 42; OMP_NUM_THREADS=1, two or three jobs side by side, 1.1-1.9 s/step, 1 h 15 min each):
@@ -93,10 +93,7 @@ done
 #     The 1-bit one is shipped: level at T = 80, better below it (83.0 against 79.1 at T = 32) and at the analog
 #     equilibrium (85.0 against 83.5), and it comes from the shipped full-precision student
 for w in ternary binary; do
-  spikesim train "${common[@]}" --weights $w --stage kd --max-steps 500 --eval-every 1000000 --eval-timesteps 80 \
-      --save-every 100 --log-every 100 --init "$R/sst2/fp-c-pred/best.pt" --out "$R/sst2/$w-g-kd"
-  spikesim train "${common[@]}" --weights $w --stage predict --max-steps 2000 --eval-every 1000 --eval-timesteps 80 \
-      --save-every 100 --log-every 100 --init "$R/sst2/$w-g-kd/last.pt" --out "$R/sst2/$w-g-pred"
+  quantize $w "$R/sst2/fp-c-pred/best.pt" $w-g 500 2000 1000 --save-every 100 --log-every 100
 done
 spikesim export --force --checkpoint "$R/sst2/binary-g-pred/best.pt" --out checkpoints/sst2-1bit.pt
 # 11. (experiment, not shipped) step 10's 1.58-bit student given step 8's treatment: 2,000 more intermediate-KD steps
