@@ -69,3 +69,14 @@ spikesim train "${common[@]}" "${tr[@]}" "${aug[@]}" --weights fp --stage kd --m
 spikesim train "${common[@]}" "${tr[@]}" "${aug[@]}" --weights fp --stage predict --max-steps 558 --eval-every 186 \
     --eval-timesteps 80 --init "$R/mrpc/fp-a-kd/last.pt" --out "$R/mrpc/fp-a-pred"
 for w in ternary binary; do quantize $w "$R/mrpc/fp-a-pred/best.pt" $w-a 186 279 93 "${tr[@]}" "${aug[@]}"; done
+# 11. longer intermediate KD, SST-2's lesson (step 8 of reproduce_sst2.sh), tried on MRPC: the fp transfer-set student
+#     with 3 epochs of intermediate KD (1,116 steps; training loss 10.4 at the end, against 16.5 after step 6's 372)
+#     and step 6's soft-label stage (70.3 / 81.9, 70.8 / 82.0, 70.6 / 81.9 at steps 186, 372, 558; analog dev
+#     68.1 / 76.9), then 1.58-bit and 1-bit students from its best with step 6's schedule: 52.5 / 54.0, 67.9 / 78.7,
+#     67.9 / 79.0 (1.58-bit) and 67.9 / 76.7, 67.9 / 78.9, 68.6 / 79.3 (1-bit) at steps 93, 186, 279
+#     (OMP_NUM_THREADS=1, two or three jobs side by side, 3-5 s/step, over 3 h in all; the soft-label stage was cut by
+#     a session's end and resumed)
+spikesim train "${common[@]}" "${tr[@]}" --weights fp --stage kd --max-steps 1116 "${kd_eval[@]}" --out "$R/mrpc/fp-h-kd"
+spikesim train "${common[@]}" "${tr[@]}" --weights fp --stage predict --max-steps 558 --eval-every 186 --eval-timesteps 80 \
+    --init "$R/mrpc/fp-h-kd/last.pt" --out "$R/mrpc/fp-h-pred"
+for w in ternary binary; do quantize $w "$R/mrpc/fp-h-pred/best.pt" $w-h 186 279 93 "${tr[@]}"; done
