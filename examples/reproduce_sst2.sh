@@ -123,3 +123,12 @@ done
 #     after 600 and 1,200 steps, against 83.9 before
 spikesim train "${cont[@]}" --teacher "$TE" --weights ternary --seed 44 --lr 5e-5 --stage predict --max-steps 1200 \
     --eval-every 600 --init "$R/sst2/ternary-h-pred/last.pt" --out "$R/sst2/ternary-i-pred"
+# 14. (experiment, not shipped yet) step 12 with the equilibrium measured at T = 80, the T it is scored at: 150
+#     soft-label steps, lr 2e-5, seed 44 (OMP_NUM_THREADS=1 beside another job, 10-13.5 s/step, 37 min with the
+#     evaluations): dev at T = 80 84.3 and 84.2 after 75 and 150 steps (83.8 before; step 12's control 83.3-83.5),
+#     analog dev 85.2 (85.0 before): the spiking side rose this time
+spikesim train "${cont[@]}" --method equilibrium -T 80 --save-every 25 --log-every 5 --teacher "$TE" --weights binary \
+    --seed 44 --lr 2e-5 --stage predict --max-steps 150 --eval-every 75 --init "$R/sst2/binary-g-pred/best.pt" \
+    --out "$R/sst2/binary-eq80-pred"
+spikesim eval -c "$R/sst2/binary-eq80-pred/last.pt" --task sst2 --data "$G" -T 1 --analog \
+    --out results/sst2/analog-binary-eq80-validation.json
