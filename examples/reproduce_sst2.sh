@@ -132,3 +132,5 @@ spikesim train "${cont[@]}" --method equilibrium -T 80 --save-every 25 --log-eve
     --out "$R/sst2/binary-eq80-pred"
 spikesim eval -c "$R/sst2/binary-eq80-pred/last.pt" --task sst2 --data "$G" -T 1 --analog \
     --out results/sst2/analog-binary-eq80-validation.json
+spikesim eval --checkpoint "$R/sst2/binary-eq80-pred/best.pt" --task sst2 --data "$G" --timesteps 80 \
+    --sweep 1,2,4,8,12,16,24,32,48,64,80,96,128 --adaptive --label 1bit-eq80 --out results/sst2/sweep-1bit-eq80.json
