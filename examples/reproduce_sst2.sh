@@ -134,3 +134,10 @@ spikesim eval -c "$R/sst2/binary-eq80-pred/last.pt" --task sst2 --data "$G" -T 1
     --out results/sst2/analog-binary-eq80-validation.json
 spikesim eval --checkpoint "$R/sst2/binary-eq80-pred/best.pt" --task sst2 --data "$G" --timesteps 80 \
     --sweep 1,2,4,8,12,16,24,32,48,64,80,96,128 --adaptive --label 1bit-eq80 --out results/sst2/sweep-1bit-eq80.json
+# 15. (experiment, not shipped) step 11's treatment for step 10's 1-bit student: 2,000 more intermediate-KD steps,
+#     then 1,200 soft-label steps (lr 1e-4, seed 43; OMP_NUM_THREADS=1 beside one or two jobs, 1.1-2.5 s/step,
+#     1 h 45 min): dev 82.8 after the KD steps, 82.7 and 83.5 after 600 and 1,200 soft-label steps, against 83.8
+spikesim train "${cont[@]}" --teacher "$TE" --weights binary --seed 43 --lr 1e-4 --stage kd --max-steps 2000 \
+    --eval-every 1000000 --init "$R/sst2/binary-g-pred/best.pt" --out "$R/sst2/binary-h-kd"
+spikesim train "${cont[@]}" --teacher "$TE" --weights binary --seed 43 --lr 1e-4 --stage predict --max-steps 1200 \
+    --eval-every 600 --init "$R/sst2/binary-h-kd/last.pt" --out "$R/sst2/binary-h-pred"
