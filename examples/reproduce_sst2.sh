@@ -100,10 +100,13 @@ spikesim export --force --checkpoint "$R/sst2/binary-g-pred/best.pt" --out check
 #     (mean KD loss 6.77 over step 10's last 100, 5.37 over these last 100), then 1,200 soft-label steps (lr 1e-4,
 #     seed 43; OMP_NUM_THREADS=1 beside a second job, 1.0-1.8 s/step, 1 h 25 min): dev 81.0 after the KD steps, 81.7 and
 #     83.9 after 600 and 1,200 soft-label steps (83.4 before), against the shipped 84.1; analog dev 83.8
-spikesim train "${cont[@]}" --teacher "$TE" --weights ternary --seed 43 --lr 1e-4 --stage kd --max-steps 2000 \
-    --eval-every 1000000 --init "$R/sst2/ternary-g-pred/best.pt" --out "$R/sst2/ternary-h-kd"
-spikesim train "${cont[@]}" --teacher "$TE" --weights ternary --seed 43 --lr 1e-4 --stage predict --max-steps 1200 \
-    --eval-every 600 --init "$R/sst2/ternary-h-kd/last.pt" --out "$R/sst2/ternary-h-pred"
+more_kd() {  # WEIGHTS: step 10's student of that kind, 2,000 more intermediate-KD steps, 1,200 soft-label steps
+  spikesim train "${cont[@]}" --teacher "$TE" --weights $1 --seed 43 --lr 1e-4 --stage kd --max-steps 2000 \
+      --eval-every 1000000 --init "$R/sst2/$1-g-pred/best.pt" --out "$R/sst2/$1-h-kd"
+  spikesim train "${cont[@]}" --teacher "$TE" --weights $1 --seed 43 --lr 1e-4 --stage predict --max-steps 1200 \
+      --eval-every 600 --init "$R/sst2/$1-h-kd/last.pt" --out "$R/sst2/$1-h-pred"
+}
+more_kd ternary
 # 12. (experiment, not shipped) training at the measured spiking equilibrium (--method equilibrium, T = 32 per step)
 #     to recover the 1.2 points the shipped 1-bit student (step 10) loses from its analog equilibrium (85.0) to
 #     T = 80 (83.8): 300 soft-label steps, lr 2e-5, seed 44 (OMP_NUM_THREADS=1 beside two jobs, 5.2-5.7 s/step,
@@ -137,7 +140,4 @@ spikesim eval --checkpoint "$R/sst2/binary-eq80-pred/best.pt" --task sst2 --data
 # 15. (experiment, not shipped) step 11's treatment for step 10's 1-bit student: 2,000 more intermediate-KD steps,
 #     then 1,200 soft-label steps (lr 1e-4, seed 43; OMP_NUM_THREADS=1 beside one or two jobs, 1.1-2.5 s/step,
 #     1 h 45 min): dev 82.8 after the KD steps, 82.7 and 83.5 after 600 and 1,200 soft-label steps, against 83.8
-spikesim train "${cont[@]}" --teacher "$TE" --weights binary --seed 43 --lr 1e-4 --stage kd --max-steps 2000 \
-    --eval-every 1000000 --init "$R/sst2/binary-g-pred/best.pt" --out "$R/sst2/binary-h-kd"
-spikesim train "${cont[@]}" --teacher "$TE" --weights binary --seed 43 --lr 1e-4 --stage predict --max-steps 1200 \
-    --eval-every 600 --init "$R/sst2/binary-h-kd/last.pt" --out "$R/sst2/binary-h-pred"
+more_kd binary
