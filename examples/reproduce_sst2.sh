@@ -130,11 +130,12 @@ spikesim train "${cont[@]}" --teacher "$TE" --weights ternary --seed 44 --lr 5e-
 #     soft-label steps, lr 2e-5, seed 44 (OMP_NUM_THREADS=1 beside another job, 10-13.5 s/step, 37 min with the
 #     evaluations): dev at T = 80 84.3 and 84.2 after 75 and 150 steps (83.8 before; step 12's control 83.3-83.5),
 #     analog dev 85.2 (85.0 before): the spiking side rose this time; its export scores 84.3 at T = 80
-spikesim train "${cont[@]}" --method equilibrium -T 80 --save-every 25 --log-every 5 --teacher "$TE" --weights binary \
-    --seed 44 --lr 2e-5 --stage predict --max-steps 150 --eval-every 75 --init "$R/sst2/binary-g-pred/best.pt" \
-    --out "$R/sst2/binary-eq80-pred"
-spikesim eval -c "$R/sst2/binary-eq80-pred/last.pt" --task sst2 --data "$G" -T 1 --analog \
-    --out results/sst2/analog-binary-eq80-validation.json
+eq80() {  # WEIGHTS SEED INIT NAME: 150 soft-label steps at the spiking equilibrium measured at T = 80, then analog dev
+  spikesim train "${cont[@]}" --method equilibrium -T 80 --save-every 25 --log-every 5 --teacher "$TE" --weights $1 \
+      --seed $2 --lr 2e-5 --stage predict --max-steps 150 --eval-every 75 --init "$3" --out "$R/sst2/$4-pred"
+  spikesim eval -c "$R/sst2/$4-pred/last.pt" --task sst2 --data "$G" -T 1 --analog --out "results/sst2/analog-$4-validation.json"
+}
+eq80 binary 44 "$R/sst2/binary-g-pred/best.pt" binary-eq80
 spikesim eval --checkpoint "$R/sst2/binary-eq80-pred/best.pt" --task sst2 --data "$G" --timesteps 80 \
     --sweep 1,2,4,8,12,16,24,32,48,64,80,96,128 --adaptive --label 1bit-eq80 --out results/sst2/sweep-1bit-eq80.json
 spikesim export --force --checkpoint "$R/sst2/binary-eq80-pred/best.pt" --out checkpoints/sst2-1bit.pt
@@ -145,26 +146,18 @@ more_kd binary
 # 16. (experiment, not shipped) step 14 for the shipped 1.58-bit student (step 6's): 150 soft-label steps of
 #     --method equilibrium -T 80 (lr 2e-5, seed 44; OMP_NUM_THREADS=1 beside another job, 10.8-17.1 s/step, 43 min):
 #     dev at T = 80 82.8 and 82.9 after 75 and 150 steps, against its 84.1; analog dev 81.9 (83.0 before)
-spikesim train "${cont[@]}" --method equilibrium -T 80 --save-every 25 --log-every 5 --teacher "$TE" --weights ternary \
-    --seed 44 --lr 2e-5 --stage predict --max-steps 150 --eval-every 75 --init "$R/sst2/ternary-d-pred/best.pt" \
-    --out "$R/sst2/ternary-eq80-pred"
-spikesim eval -c "$R/sst2/ternary-eq80-pred/last.pt" --task sst2 --data "$G" -T 1 --analog \
-    --out results/sst2/analog-ternary-eq80-validation.json
+eq80 ternary 44 "$R/sst2/ternary-d-pred/best.pt" ternary-eq80
 # 17. (experiment, not shipped) step 14 continued: 150 more such steps from its best (the shipped 1-bit student), with
 #     a new data order (seed 45; 10.4-21.2 s/step beside another job, 46 min): dev 83.8 and 83.5 at T = 80 after 75
 #     and 150 steps, against its 84.3; analog dev 84.9 (85.1 for the shipped export)
-spikesim train "${cont[@]}" --method equilibrium -T 80 --save-every 25 --log-every 5 --teacher "$TE" --weights binary \
-    --seed 45 --lr 2e-5 --stage predict --max-steps 150 --eval-every 75 --init "$R/sst2/binary-eq80-pred/best.pt" \
-    --out "$R/sst2/binary-eq80b-pred"
-spikesim eval -c "$R/sst2/binary-eq80b-pred/last.pt" --task sst2 --data "$G" -T 1 --analog \
-    --out results/sst2/analog-binary-eq80b-validation.json
+eq80 binary 45 "$R/sst2/binary-eq80-pred/best.pt" binary-eq80b
 # 18. (experiment, not shipped) step 14 again with another data order (seed 45), from the same start (step 10's 1-bit
 #     student; 11.2-20.6 s/step beside another job, 44 min): dev at T = 80 84.1 and 84.4 after 75 and 150 steps
 #     (step 14: 84.3, 84.2; step 12's control at the analog equilibrium: 83.3-83.5; the start: 83.8); analog dev 85.0
-spikesim train "${cont[@]}" --method equilibrium -T 80 --save-every 25 --log-every 5 --teacher "$TE" --weights binary \
-    --seed 45 --lr 2e-5 --stage predict --max-steps 150 --eval-every 75 --init "$R/sst2/binary-g-pred/best.pt" \
-    --out "$R/sst2/binary-eq80s45-pred"
-spikesim eval -c "$R/sst2/binary-eq80s45-pred/last.pt" --task sst2 --data "$G" -T 1 --analog \
-    --out results/sst2/analog-binary-eq80s45-validation.json
+eq80 binary 45 "$R/sst2/binary-g-pred/best.pt" binary-eq80s45
 spikesim eval --checkpoint "$R/sst2/binary-eq80s45-pred/best.pt" --task sst2 --data "$G" --timesteps 80 \
     --sweep 1,2,4,8,12,16,24,32,48,64,80,96,128 --adaptive --label 1bit-eq80s45 --out results/sst2/sweep-1bit-eq80s45.json
+# 19. (experiment, not shipped) step 14 for the shipped full-precision student (step 8's; seed 44; 15-27 s/step beside
+#     another job and alone, 66 min): dev at T = 80 86.1 and 85.7 after 75 and 150 steps, against its 86.6; analog dev
+#     85.8 (86.6 before)
+eq80 fp 44 "$R/sst2/fp-c-pred/best.pt" fp-eq80
