@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from spikingbert_sim import native  # noqa: E402
+from spikingbert_sim import kernels, native  # noqa: E402
 from spikingbert_sim.config import SpikingBertConfig  # noqa: E402
 from spikingbert_sim.engine import EngineOptions, simulate_multistep, spike_mismatch  # noqa: E402
 from spikingbert_sim.model import SpikingBertForSequenceClassification  # noqa: E402
@@ -143,11 +143,17 @@ def native_scan_time(fn) -> float:
     return spent[0]
 
 
-def cpu_matmul_peaks(n: int = 2048) -> dict[str, float]:
-    """GFLOP/s of an n³ product on the CPU with the current thread count: fp32 and bf16 operands
-    (the fast engine's exact spike products run in bf16 on the CPU). Median of 5 after 1 warm-up."""
-    peaks = {}
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+def cpu_matmul_peaks(n: int = 2048) -> dict[str, float | str]:
+    """GFLOP/s of an n³ product on the CPU with the current thread count: fp32 and, where the fast
+    engine's exact spike products run in bf16 here (:func:`kernels.cpu_spike_product`), bf16
+    operands (elsewhere a bf16 product of this size would take minutes). Median of 5 after 1 warm-up."""
+    peaks: dict[str, float | str] = {}
+    formats = [("fp32", torch.float32)]
+    if kernels.cpu_spike_product() == "bf16":
+        formats.append(("bf16", torch.bfloat16))
+    else:
+        peaks["bf16"] = "not measured: the engine's exact products do not run in bf16 on this CPU"
+    for name, dtype in formats:
         x = torch.randint(-1, 2, (n, n)).to(dtype)
         y = torch.randint(-1, 2, (n, n)).to(dtype)
         torch.mm(x, y)
@@ -187,6 +193,9 @@ def main(argv=None) -> dict:
                         "reach if everything else were free, and the CPU's measured product peak")
     p.add_argument("--compare-native", action="store_true",
                    help="CPU: also time the fast engine with the compiled scan switched off (PyTorch's scan)")
+    p.add_argument("--compare-products", default=None, metavar="LIST",
+                   help="CPU, binary/ternary: also time the fast engine with each of these exact spike products "
+                        "(comma-separated: bf16, accumulate, float; SPIKINGBERT_CPU_PRODUCT)")
     p.add_argument("--out", default=None, help="also write the JSON object to this file")
     a = p.parse_args(argv)
     if a.profile and a.device != "cpu":
@@ -262,6 +271,7 @@ def main(argv=None) -> dict:
             result.setdefault("fast_seq_steps_per_s_by_operand", {})[operand] = f"failed: {exc}"[:200]
     if dev == "cpu":
         result["native_scan"] = native.available()
+        result["cpu_spike_product"] = kernels.cpu_spike_product()
         result["malloc_tuned"] = native.tune_malloc()  # applied by the first fast run, before any timing
         if a.compare_native and native.available():
             os.environ["SPIKINGBERT_NATIVE"] = "0"
@@ -274,6 +284,21 @@ def main(argv=None) -> dict:
                 native._library.cache_clear()
             result["fast_without_native_seq_steps_per_s"] = seq_steps / statistics.median(times)
             result["native_speedup"] = statistics.median(times) / statistics.median(t_fast)
+    if dev == "cpu" and a.compare_products:
+        saved = os.environ.get("SPIKINGBERT_CPU_PRODUCT")
+        for choice in [c.strip() for c in a.compare_products.split(",") if c.strip()]:
+            os.environ["SPIKINGBERT_CPU_PRODUCT"] = choice
+            try:
+                fast()
+                times = timed(fast, dev, fast_repeats)
+                result.setdefault("fast_seq_steps_per_s_by_cpu_product", {})[choice] = seq_steps / statistics.median(times)
+            except Exception as exc:
+                result.setdefault("fast_seq_steps_per_s_by_cpu_product", {})[choice] = f"failed: {exc}"[:200]
+            finally:  # the default back, whatever happened
+                if saved is None:
+                    os.environ.pop("SPIKINGBERT_CPU_PRODUCT", None)
+                else:
+                    os.environ["SPIKINGBERT_CPU_PRODUCT"] = saved
     lin, att = flops_per_sequence_step(model, L)
     if a.profile:
         result["fast_native_scan_s"] = native_scan_time(fast)

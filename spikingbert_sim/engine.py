@@ -7,11 +7,13 @@ before it runs. Two backends compute it:
 
 * ``torch`` (any device; the only one on CPU): the model's own operations on (t, B, L, W) tensors,
   bit for bit the reference engine's result in float64 and float32 (``tests/test_simulation.py``).
-  Binary/ternary products run as exact bf16 products (:func:`kernels.exact_product_cpu`), K and V
+  Binary/ternary products are exact integer sums, run as bf16 products where the CPU has bf16
+  instructions (:func:`kernels.exact_product_cpu`) and else as the compiled event-driven
+  accumulation (:func:`native.accumulate`; :func:`kernels.cpu_spike_product` chooses), K and V
   share one product, and scales, biases, GELU and residuals are applied in place. On the CPU each
   site's neuron runs over the chunk's steps in one compiled pass (:mod:`native`, where a C
   compiler is at hand; else ``kernels.scan_torch``, three in-place operations a step), which also
-  counts the recorder's statistics and writes the bf16 spikes that the next product reads; the
+  counts the recorder's statistics and writes the spikes that the next product reads; the
   compiled code also applies the binary/ternary products' scale, bias and residual
   (:func:`native.affine`, or inside the key and value neurons' scan), and writes attention's
   operands per head so that its products need no re-layout copies.
@@ -209,7 +211,14 @@ class _ExactLinear:
             return
         values, scales = zip(*(m.quantized() for m in modules))
         self.cpu = device.type == "cpu"
-        self.values = torch.cat(values).to(device=device, dtype=torch.bfloat16 if self.cpu else dtype)
+        # the exact product the CPU runs fastest (kernels.cpu_spike_product); the model's dtype elsewhere
+        how = kernels.cpu_spike_product() if self.cpu else "float"
+        self.low = how == "bf16"
+        self.values = torch.cat(values).to(device=device, dtype=torch.bfloat16 if self.low else dtype)
+        self.wt = None  # (K, N) int8 weights for native.accumulate
+        if how == "accumulate" and dtype in (torch.float32, torch.float64) and native.available() \
+                and self.values.shape[1] <= native.ACCUMULATE_MAX_K:
+            self.wt = self.values.to(torch.int8).t().contiguous()
         self.splits = [m.out_features for m in modules]
         self.biases = [m.bias for m in modules]
         # every column's scale (and bias) as one row: one multiply (and one add) for all modules
@@ -224,9 +233,11 @@ class _ExactLinear:
 
     def product(self, x: Tensor, low: Tensor | None = None) -> Tensor:
         """``x @ valuesᵀ``, exact; ``low``: the same 0/1 spikes already in bf16 (saves a
-        conversion). On the CPU the result may be bf16 (exact integers)."""
-        if self.cpu:
+        conversion). With bf16 products the result may be bf16 (exact integers)."""
+        if self.low:
             return kernels.exact_product_cpu(x, self.values, low, keep_bf16=True, acc_dtype=self.dtype)
+        if self.wt is not None and x.dtype == self.dtype:
+            return native.accumulate(x, self.wt)
         return F.linear(x, self.values)
 
     def currents(self, x: Tensor, low: Tensor | None = None, residual: Tensor | None = None,
@@ -238,7 +249,7 @@ class _ExactLinear:
         caller has it; ``cols``: only these columns of it. ``out``, ``out_layout``: write the
         result there, in that layout (:func:`native.affine`; only where :meth:`fusable` holds)."""
         acc = self.product(x, low) if acc is None else acc
-        if self.fusable(acc) and (residual is None or residual.dtype == torch.bfloat16):
+        if self.fusable(acc) and (residual is None or residual.dtype in (torch.bfloat16, self.dtype)):
             # one pass, the same roundings
             return native.affine(acc[..., cols], self.scale_row[cols],
                                  None if self.bias_row is None else self.bias_row[cols], residual,
@@ -299,7 +310,7 @@ class _TorchRun:
         # The compiled scan (CPU, float32/64): per-site state, statistics counted in the scan,
         # and bf16 copies of the spikes for the exact products that read them.
         self.native = dev.type == "cpu" and dt in (torch.float32, torch.float64) and native.available()
-        self.bf16 = self.native and model.config.weight_mode != "fp"
+        self.bf16 = self.native and model.config.weight_mode != "fp" and kernels.cpu_spike_product() == "bf16"
         B, L, _ = embedded.shape
         self.B, self.L, self.R = B, L, B * L
         opts = recorder.options

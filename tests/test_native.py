@@ -6,6 +6,8 @@ import torch
 
 from spikingbert_sim import engine, kernels, native
 from spikingbert_sim.engine import EngineOptions, simulate_multistep
+from spikingbert_sim.errors import ConfigError
+from spikingbert_sim.quantization import QuantLinear
 from spikingbert_sim.simulation import RecordOptions, simulate
 from test_engine import assert_same, batch  # noqa: F401  (batch: a fixture, padded)
 
@@ -122,6 +124,8 @@ def test_affine_equals_mul_add_add_bitwise(dtype):
     got = native.affine(acc[..., cols], scale[cols], bias[cols], spikes)
     ref = torch.mul(acc[..., cols], scale[cols]).add_(bias[cols]).add_(spikes)
     assert torch.equal(got, ref)
+    # the residual in the scale's dtype (where the engine's products run in float, not bf16)
+    assert torch.equal(native.affine(acc[..., cols].to(dtype), scale[cols], bias[cols], spikes.to(dtype)), ref)
     # the order of the roundings matters: (a·s + r) + b differs from ((a·s) + b) + r somewhere
     assert not torch.equal(got, torch.mul(acc[..., cols], scale[cols]).add_(spikes).add_(bias[cols]))
     out = torch.full((3, 5, 7, 40), 9.0, dtype=dtype)
@@ -135,7 +139,8 @@ def test_affine_equals_mul_add_add_bitwise(dtype):
     (dict(scale=torch.ones(6, dtype=torch.float16)), "float32 or float64"),
     (dict(scale=torch.ones(5)), "scale must be"),
     (dict(bias=torch.ones(6, dtype=torch.float64)), "bias must be"),
-    (dict(residual=torch.zeros(4, 6)), "residual must be"),
+    (dict(residual=torch.zeros(4, 6, dtype=torch.float64)), "residual must be"),  # not the scale's dtype
+    (dict(residual=torch.zeros(4, 5)), "residual must be"),
     (dict(out=torch.zeros(6, 4).t()), "out must be"),
     (dict(acc=torch.zeros(2, 4, 6, dtype=torch.bfloat16).transpose(0, 1)), "merge into one stride"),
 ])
@@ -294,8 +299,10 @@ def test_build_is_cached_and_written_once(monkeypatch, tmp_path):
     ("fp", {}, True, torch.float64), ("ternary", {}, True, torch.float64),
     ("binary", dict(leak=0.9, threshold=0.7), True, torch.float64), ("ternary", {}, False, torch.float64),
     ("ternary", {}, True, torch.float32), ("binary", {}, False, torch.float32)])
+@pytest.mark.parametrize("product", ["float", "bf16", "accumulate"])  # the CPU's exact products
 def test_engine_with_and_without_the_compiled_scan_equals_the_reference(make_model, batch, monkeypatch,
-                                                                        mode, overrides, padded, dtype):
+                                                                        mode, overrides, padded, dtype, product):
+    monkeypatch.setenv("SPIKINGBERT_CPU_PRODUCT", product)
     model = make_model(mode, **overrides).to(dtype)
     ids, mask = batch
     if not padded:
@@ -320,9 +327,10 @@ def test_engine_with_and_without_the_compiled_scan_equals_the_reference(make_mod
 
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_engine_with_products_over_more_than_256_inputs_equals_the_reference(make_model, batch, dtype):
+def test_engine_with_products_over_more_than_256_inputs_equals_the_reference(make_model, batch, dtype, monkeypatch):
     """hidden 272, intermediate 300: every product sums bf16 slices into a float accumulator, which
     the compiled kernels then scale (not the bf16 path)."""
+    monkeypatch.setenv("SPIKINGBERT_CPU_PRODUCT", "bf16")
     model = make_model("ternary", hidden_size=272, num_attention_heads=4, intermediate_size=300).to(dtype)
     ids, mask = batch
     assert model.config.hidden_size > kernels.EXACT_BF16_K
@@ -330,6 +338,70 @@ def test_engine_with_products_over_more_than_256_inputs_equals_the_reference(mak
     assert_same(fast, simulate(model, ids, mask, timesteps=6, engine="reference"))
     r = engine.spike_mismatch(model, ids, mask, 6, EngineOptions(backend="torch"))
     assert r["mismatch"] == 0 and r["slots"] > 0
+
+
+def test_cpu_spike_product_switch(monkeypatch):
+    for choice in ("float", "bf16", "accumulate"):
+        monkeypatch.setenv("SPIKINGBERT_CPU_PRODUCT", choice)
+        assert kernels.cpu_spike_product() == choice
+    monkeypatch.setenv("SPIKINGBERT_CPU_PRODUCT", "int4")
+    with pytest.raises(ConfigError, match="SPIKINGBERT_CPU_PRODUCT must be one of auto, bf16, accumulate, float"):
+        kernels.cpu_spike_product()
+    monkeypatch.setenv("SPIKINGBERT_CPU_PRODUCT", "auto")
+    assert kernels.cpu_spike_product() == ("bf16" if kernels._bf16_probe() else "accumulate")
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False, raising=False)
+    kernels._bf16_probe.cache_clear()
+    try:  # without oneDNN's bf16 support: the compiled accumulation, whatever a probe would say
+        assert kernels.cpu_spike_product() == "accumulate"
+        monkeypatch.setattr(engine.native, "available", lambda: False)
+        assert kernels.cpu_spike_product() == "float"
+    finally:
+        kernels._bf16_probe.cache_clear()
+
+
+@pytest.mark.parametrize("choice, dtype, accumulates", [
+    ("float", torch.float32, False), ("bf16", torch.bfloat16, False), ("accumulate", torch.float32, True)])
+def test_engine_products_follow_the_switch_with_the_same_result(monkeypatch, choice, dtype, accumulates):
+    layer = QuantLinear(40, 24, mode="ternary")
+    x = (torch.rand(5, 40, generator=torch.Generator().manual_seed(3)) < 0.4).float()
+    monkeypatch.setenv("SPIKINGBERT_CPU_PRODUCT", choice)
+    lin = engine._ExactLinear([layer], torch.float32, torch.device("cpu"))
+    assert lin.values.dtype == dtype and (lin.wt is not None) == accumulates
+    assert lin.product(x).dtype == dtype
+    with torch.no_grad():  # QuantLinear's inference form: (x @ valuesᵀ)·scale + bias
+        assert torch.equal(lin(x)[0], layer(x))
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("K, N, density", [(64, 192, 0.25), (300, 7, 0.5), (5, 1100, 0.9), (1, 3, 1.0), (700, 64, 0.0)])
+def test_accumulate_equals_the_dense_product_bitwise(dtype, K, N, density):
+    g = torch.Generator().manual_seed(K + N)
+    x = (torch.rand(3, 37, K, generator=g) < density).to(dtype)
+    w = torch.randint(-1, 2, (K, N), generator=g).to(torch.int8)
+    got = native.accumulate(x, w)
+    assert got.dtype == dtype and got.shape == (3, 37, N)
+    assert torch.equal(got, x @ w.to(dtype))
+    ones = torch.ones(2, K, dtype=dtype)  # every input firing into all +1 weights: the sum K exactly
+    assert torch.equal(native.accumulate(ones, torch.ones(K, N, dtype=torch.int8)), torch.full((2, N), float(K), dtype=dtype))
+    out = torch.full((3, 37, N), 7.0, dtype=dtype)
+    assert native.accumulate(x[:, :, :], w, out=out) is out and torch.equal(out, got)
+    assert torch.equal(native.accumulate(x.transpose(0, 1), w), got.transpose(0, 1))  # rows in any order
+
+
+@needs_native
+@pytest.mark.parametrize("args, match", [
+    ((torch.zeros(4, 6, dtype=torch.bfloat16), torch.zeros(6, 3, dtype=torch.int8)), "float32 or float64"),
+    ((torch.zeros(4, 6), torch.zeros(6, 3)), "contiguous int8"),
+    ((torch.zeros(4, 6), torch.zeros(5, 3, dtype=torch.int8)), "contiguous int8"),
+    ((torch.zeros(4, 6), torch.zeros(3, 6, dtype=torch.int8).t()), "contiguous int8"),
+    ((torch.zeros(2, 40000), torch.zeros(40000, 1, dtype=torch.int8)), "at most 32767"),
+])
+def test_accumulate_rejects_bad_arguments(args, match):
+    with pytest.raises(ValueError, match=match):
+        native.accumulate(*args)
+    with pytest.raises(ValueError, match="out must be"):
+        native.accumulate(torch.zeros(4, 6), torch.zeros(6, 3, dtype=torch.int8), out=torch.zeros(4, 2))
 
 
 def test_tune_malloc_is_switchable(monkeypatch):
