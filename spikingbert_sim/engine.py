@@ -248,6 +248,10 @@ class _ExactLinear:
         the reference adds a residual to one module's output). ``acc``: the product, if the
         caller has it; ``cols``: only these columns of it. ``out``, ``out_layout``: write the
         result there, in that layout (:func:`native.affine`; only where :meth:`fusable` holds)."""
+        if acc is None and self.wt is not None and self.native and x.dtype == self.dtype and out is None \
+                and out_layout is None and cols == slice(None) and (residual is None or residual.dtype == self.dtype):
+            # the compiled accumulation applies scale, bias and residual as it writes: one pass
+            return native.accumulate(x, self.wt, scale=self.scale_row, bias=self.bias_row, residual=residual)
         acc = self.product(x, low) if acc is None else acc
         if self.fusable(acc) and (residual is None or residual.dtype in (torch.bfloat16, self.dtype)):
             # one pass, the same roundings

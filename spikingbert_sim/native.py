@@ -326,11 +326,14 @@ void %(affine)s(const uint16_t *acc, const REAL *accf, int64_t acc_rs, const REA
 }
 
 /* out[r, :] = Σ_k x[r, k]·wt[k, :] for 0/1 spikes x (R, K) and integer weights wt (K, N) in
-   {-1, 0, 1}, event-driven: each row's firing inputs are listed (branch-free), and their weight
-   rows added into int16 accumulators (|sum| ≤ K ≤ 32767: exact), NB columns at a time; the sums
-   are written as REAL (exact integers). A spike x that is neither 0 nor 1 counts as 1. */
+   {-1, 0, 1}, event-driven: each row's firing inputs are listed (from a bit mask per 64 inputs),
+   and their weight rows added into int16 accumulators (|sum| ≤ K ≤ 32767: exact), NB columns at a
+   time, two rows a pass. The sums are written as REAL (exact integers), or, with a scale, as
+   ((sum·scale) + bias) + residual, each operation rounded to REAL as PyTorch's mul, add_ and add_
+   would (the affine pass above, fused). A spike x that is neither 0 nor 1 counts as 1. */
 #define NB 512
 void %(accumulate)s(const REAL *x, int64_t x_rs, const int8_t *wt, REAL *out, int64_t out_rs,
+                    const REAL *scale, const REAL *bias, const REAL *res, int64_t res_rs,
                     int64_t R, int64_t K, int64_t N, int threads)
 {
     #pragma omp parallel num_threads(threads) if(threads > 1)
@@ -340,14 +343,20 @@ void %(accumulate)s(const REAL *x, int64_t x_rs, const int8_t *wt, REAL *out, in
         for (int64_t r = 0; r < R; ++r) {
             const REAL *restrict xr = x + r * x_rs;
             REAL *restrict o = out + r * out_rs;
+            const REAL *restrict rr = res ? res + r * res_rs : 0;
             int64_t cnt = 0;
-            if (idx) for (int64_t k = 0; k < K; ++k) { idx[cnt] = (int32_t)k; cnt += xr[k] != (REAL)0; }
+            if (idx) for (int64_t k0 = 0; k0 < K; k0 += 64) {
+                const int64_t n = K - k0 < 64 ? K - k0 : 64;
+                uint64_t m = 0;
+                for (int64_t j = 0; j < n; ++j) m |= (uint64_t)(xr[k0 + j] != (REAL)0) << j;
+                while (m) { idx[cnt++] = (int32_t)(k0 + __builtin_ctzll(m)); m &= m - 1; }
+            }
             for (int64_t n0 = 0; n0 < N; n0 += NB) {
                 const int64_t nb = N - n0 < NB ? N - n0 : NB;
                 int16_t acc[NB];
                 for (int64_t j = 0; j < nb; ++j) acc[j] = 0;
                 int64_t q = 0;
-                for (; q + 1 < cnt; q += 2) {  /* two weight rows a pass: half the accumulator traffic */
+                for (; q + 1 < cnt; q += 2) {
                     const int8_t *restrict w0 = wt + (int64_t)idx[q] * N + n0;
                     const int8_t *restrict w1 = wt + (int64_t)idx[q + 1] * N + n0;
                     for (int64_t j = 0; j < nb; ++j) acc[j] = (int16_t)(acc[j] + w0[j] + w1[j]);
@@ -356,7 +365,19 @@ void %(accumulate)s(const REAL *x, int64_t x_rs, const int8_t *wt, REAL *out, in
                     const int8_t *restrict w0 = wt + (int64_t)idx[q] * N + n0;
                     for (int64_t j = 0; j < nb; ++j) acc[j] = (int16_t)(acc[j] + w0[j]);
                 }
-                for (int64_t j = 0; j < nb; ++j) o[n0 + j] = (REAL)acc[j];
+                REAL *restrict d = o + n0;
+                if (scale) {
+                    const REAL *restrict sc = scale + n0;
+                    for (int64_t j = 0; j < nb; ++j) d[j] = (REAL)acc[j] * sc[j];
+                    if (bias) {
+                        const REAL *restrict bi = bias + n0;
+                        for (int64_t j = 0; j < nb; ++j) d[j] = d[j] + bi[j];
+                    }
+                } else for (int64_t j = 0; j < nb; ++j) d[j] = (REAL)acc[j];
+                if (rr) {
+                    const REAL *restrict p = rr + n0;
+                    for (int64_t j = 0; j < nb; ++j) d[j] = d[j] + p[j];
+                }
             }
         }
         free(idx);
@@ -444,7 +465,7 @@ def _library():
                 fn.argtypes = [ptr, ptr, i64, ptr, ptr, ptr, ptr, i64, ptr, i64, i64, i64, ptr, i64, i64, ctypes.c_int]
                 fn.restype = None
             for fn in (lib.accumulate_f32, lib.accumulate_f64):
-                fn.argtypes = [ptr, i64, ptr, ptr, i64, i64, i64, i64, ctypes.c_int]
+                fn.argtypes = [ptr, i64, ptr, ptr, i64, ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_int]
                 fn.restype = None
             return lib
     warnings.warn("spikingbert_sim: the compiled CPU scan is unavailable, using PyTorch's "
@@ -677,13 +698,17 @@ ACCUMULATE_MAX_K = 32767
 """Longest input that :func:`accumulate`'s int16 accumulators sum exactly (|Σ| ≤ K)."""
 
 
-def accumulate(x: Tensor, weight_t: Tensor, out: Tensor | None = None) -> Tensor:
+def accumulate(x: Tensor, weight_t: Tensor, out: Tensor | None = None, scale: Tensor | None = None,
+               bias: Tensor | None = None, residual: Tensor | None = None) -> Tensor:
     """``x @ weight_t`` for 0/1 spikes ``x`` (..., K) in float32 or float64 and integer weights
     ``weight_t`` (K, N), int8 in {-1, 0, 1}: the accumulate-only product of a binary/ternary layer,
     event-driven (each row adds the weight rows of its firing inputs; a neuromorphic chip's
     synaptic operations). Integer sums, exact, so the result equals ``x @ weight_t.to(x.dtype)``
     bit for bit; faster than a dense float product where spikes are sparse and on CPUs without
-    fast bf16 products. ``out``: a contiguous (..., N) tensor of x's dtype to write into."""
+    fast bf16 products. With ``scale`` (N,) (and ``bias`` (N,), ``residual`` (..., N), all in x's
+    dtype) it returns :func:`affine` of that product, ``((x @ W)·scale + bias) + residual`` with
+    the same roundings, without writing the product first. ``out``: a contiguous (..., N) tensor
+    of x's dtype to write into."""
     lib = _library()
     if lib is None:
         raise RuntimeError("the compiled kernels are unavailable (see native.available())")
@@ -695,6 +720,9 @@ def accumulate(x: Tensor, weight_t: Tensor, out: Tensor | None = None) -> Tensor
     if K > ACCUMULATE_MAX_K:
         raise ValueError(f"accumulate sums at most {ACCUMULATE_MAX_K} inputs exactly, got {K}")
     N = weight_t.shape[1]
+    if (bias is not None or residual is not None) and scale is None:
+        raise ValueError("a bias or residual goes with a scale")
+    _check_columns(dtype, N, scale=scale, bias=bias)
     if K > 1 and x.stride(-1) != 1:
         x = x.contiguous()
     try:
@@ -706,10 +734,19 @@ def accumulate(x: Tensor, weight_t: Tensor, out: Tensor | None = None) -> Tensor
         out = torch.empty(shape, dtype=dtype)
     elif out.dtype != dtype or tuple(out.shape) != shape or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous {dtype} tensor of shape {shape}")
+    res = None
+    if residual is not None:
+        if residual.dtype != dtype or tuple(residual.shape) != shape or (N > 1 and residual.stride(-1) != 1):
+            raise ValueError(f"residual must be a {dtype} tensor of shape {shape} with a contiguous last axis")
+        try:
+            res = residual.view(-1, N)
+        except RuntimeError:
+            raise ValueError("residual's rows must merge into one stride") from None
     R = rows.shape[0]
     if R == 0 or N == 0:
         return out
     threads = max(1, min(torch.get_num_threads(), R, (R * max(K, N)) // MIN_SPLIT))
     fn = lib.accumulate_f32 if dtype == torch.float32 else lib.accumulate_f64
-    fn(rows.data_ptr(), rows.stride(0) if K > 0 else 0, weight_t.data_ptr(), out.data_ptr(), N, R, K, N, threads)
+    fn(rows.data_ptr(), rows.stride(0) if K > 0 else 0, weight_t.data_ptr(), out.data_ptr(), N,
+       _ptr(scale), _ptr(bias), _ptr(res), 0 if res is None else res.stride(0), R, K, N, threads)
     return out

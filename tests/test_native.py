@@ -387,6 +387,14 @@ def test_accumulate_equals_the_dense_product_bitwise(dtype, K, N, density):
     out = torch.full((3, 37, N), 7.0, dtype=dtype)
     assert native.accumulate(x[:, :, :], w, out=out) is out and torch.equal(out, got)
     assert torch.equal(native.accumulate(x.transpose(0, 1), w), got.transpose(0, 1))  # rows in any order
+    # the fused epilogue: the affine pass's roundings, (product·scale + bias) + residual
+    scale = (torch.rand(N, generator=g, dtype=torch.float64) / 7).to(dtype)  # not dyadic: rounds
+    bias = torch.randn(N, generator=g, dtype=torch.float64).to(dtype)
+    res = (torch.rand(3, 37, N, generator=g) < 0.3).to(dtype)
+    assert torch.equal(native.accumulate(x, w, scale=scale, bias=bias, residual=res),
+                       torch.mul(got, scale).add_(bias).add_(res))
+    assert torch.equal(native.accumulate(x, w, scale=scale, bias=bias), native.affine(got, scale, bias))
+    assert torch.equal(native.accumulate(x, w, scale=scale), torch.mul(got, scale))
 
 
 @needs_native
@@ -400,8 +408,15 @@ def test_accumulate_equals_the_dense_product_bitwise(dtype, K, N, density):
 def test_accumulate_rejects_bad_arguments(args, match):
     with pytest.raises(ValueError, match=match):
         native.accumulate(*args)
+    x, w = torch.zeros(4, 6), torch.zeros(6, 3, dtype=torch.int8)
     with pytest.raises(ValueError, match="out must be"):
-        native.accumulate(torch.zeros(4, 6), torch.zeros(6, 3, dtype=torch.int8), out=torch.zeros(4, 2))
+        native.accumulate(x, w, out=torch.zeros(4, 2))
+    with pytest.raises(ValueError, match="goes with a scale"):
+        native.accumulate(x, w, bias=torch.zeros(3))
+    with pytest.raises(ValueError, match="scale must be"):
+        native.accumulate(x, w, scale=torch.zeros(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="residual must be"):
+        native.accumulate(x, w, scale=torch.ones(3), residual=torch.zeros(4, 2))
 
 
 def test_tune_malloc_is_switchable(monkeypatch):
