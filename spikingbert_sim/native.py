@@ -19,6 +19,12 @@ fly (the key and value sites' currents are never written). Both read and write p
 (:func:`head_layout`: attention's Q, Kᵀ and V as (t, B, H, L, dh) or (t, B, H, dh, L) tensors, and
 the context back), so attention's products need no re-layout copies.
 
+On CPUs without bf16 instructions (AVX2-only machines, where oneDNN's bf16 product is a slow
+reference loop) the products themselves run here too: :func:`accumulate` is the event-driven
+product of a neuromorphic chip, each row adding the int8 weight rows of its firing inputs into
+int16 accumulators (exact integers), with the scale, bias and residual applied as it writes
+(:func:`kernels.cpu_spike_product` chooses between it, bf16 and float products).
+
 **Exactness.** Per neuron and step the C code does what ``scan_torch`` does, in the same order
 and precision: ``u ← u·γ`` (skipped when γ = 1, as there), ``u ← u + x``, ``s = [u > V_th]``,
 ``u ← u − V_th·s``; compiled with ``-ffp-contract=off`` so that no multiply-add is fused, its
