@@ -338,20 +338,26 @@ void %(affine)s(const uint16_t *acc, const REAL *accf, int64_t acc_rs, const REA
    ((sum·scale) + bias) + residual, each operation rounded to REAL as PyTorch's mul, add_ and add_
    would (the affine pass above, fused). A spike x that is neither 0 nor 1 counts as 1. */
 #define NB 512
-void %(accumulate)s(const REAL *x, int64_t x_rs, const int8_t *wt, REAL *out, int64_t out_rs,
-                    const REAL *scale, const REAL *bias, const REAL *res, int64_t res_rs,
-                    int64_t R, int64_t K, int64_t N, int threads)
+int %(accumulate)s(const REAL *x, int64_t x_rs, const int8_t *wt, REAL *out, int64_t out_rs,
+                   const REAL *scale, const REAL *bias, const REAL *res, int64_t res_rs,
+                   int64_t R, int64_t K, int64_t N, int threads)
 {
+    int failed = 0;
     #pragma omp parallel num_threads(threads) if(threads > 1)
     {
         int32_t *idx = (int32_t *)malloc(sizeof(int32_t) * (size_t)(K > 0 ? K : 1));
+        if (!idx) {
+            #pragma omp atomic write
+            failed = 1;
+        }
         #pragma omp for schedule(static)
         for (int64_t r = 0; r < R; ++r) {
+            if (!idx) continue;
             const REAL *restrict xr = x + r * x_rs;
             REAL *restrict o = out + r * out_rs;
             const REAL *restrict rr = res ? res + r * res_rs : 0;
             int64_t cnt = 0;
-            if (idx) for (int64_t k0 = 0; k0 < K; k0 += 64) {
+            for (int64_t k0 = 0; k0 < K; k0 += 64) {
                 const int64_t n = K - k0 < 64 ? K - k0 : 64;
                 uint64_t m = 0;
                 for (int64_t j = 0; j < n; ++j) m |= (uint64_t)(xr[k0 + j] != (REAL)0) << j;
@@ -388,6 +394,7 @@ void %(accumulate)s(const REAL *x, int64_t x_rs, const int8_t *wt, REAL *out, in
         }
         free(idx);
     }
+    return failed;
 }
 #undef NB
 """
@@ -472,7 +479,7 @@ def _library():
                 fn.restype = None
             for fn in (lib.accumulate_f32, lib.accumulate_f64):
                 fn.argtypes = [ptr, i64, ptr, ptr, i64, ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_int]
-                fn.restype = None
+                fn.restype = ctypes.c_int
             return lib
     warnings.warn("spikingbert_sim: the compiled CPU scan is unavailable, using PyTorch's "
                   f"(slower; {errors[-1] if errors else 'unknown error'})", RuntimeWarning, stacklevel=3)
@@ -723,8 +730,8 @@ def accumulate(x: Tensor, weight_t: Tensor, out: Tensor | None = None, scale: Te
         raise ValueError(f"accumulate runs CPU float32 or float64 spikes, not {x.device.type} {dtype}")
     if weight_t.dtype != torch.int8 or weight_t.dim() != 2 or weight_t.shape[0] != K or not weight_t.is_contiguous():
         raise ValueError(f"weight_t must be a contiguous int8 ({K}, N) matrix, got {weight_t.dtype} {tuple(weight_t.shape)}")
-    if K > ACCUMULATE_MAX_K:
-        raise ValueError(f"accumulate sums at most {ACCUMULATE_MAX_K} inputs exactly, got {K}")
+    if not 0 < K <= ACCUMULATE_MAX_K:
+        raise ValueError(f"accumulate sums 1 to {ACCUMULATE_MAX_K} inputs exactly, got {K}")
     N = weight_t.shape[1]
     if (bias is not None or residual is not None) and scale is None:
         raise ValueError("a bias or residual goes with a scale")
@@ -753,6 +760,7 @@ def accumulate(x: Tensor, weight_t: Tensor, out: Tensor | None = None, scale: Te
         return out
     threads = max(1, min(torch.get_num_threads(), R, (R * max(K, N)) // MIN_SPLIT))
     fn = lib.accumulate_f32 if dtype == torch.float32 else lib.accumulate_f64
-    fn(rows.data_ptr(), rows.stride(0) if K > 0 else 0, weight_t.data_ptr(), out.data_ptr(), N,
-       _ptr(scale), _ptr(bias), _ptr(res), 0 if res is None else res.stride(0), R, K, N, threads)
+    if fn(rows.data_ptr(), rows.stride(0), weight_t.data_ptr(), out.data_ptr(), N,
+          _ptr(scale), _ptr(bias), _ptr(res), 0 if res is None else res.stride(0), R, K, N, threads):
+        raise MemoryError("the compiled accumulation could not allocate its input lists")
     return out

@@ -403,7 +403,8 @@ def test_accumulate_equals_the_dense_product_bitwise(dtype, K, N, density):
     ((torch.zeros(4, 6), torch.zeros(6, 3)), "contiguous int8"),
     ((torch.zeros(4, 6), torch.zeros(5, 3, dtype=torch.int8)), "contiguous int8"),
     ((torch.zeros(4, 6), torch.zeros(3, 6, dtype=torch.int8).t()), "contiguous int8"),
-    ((torch.zeros(2, 40000), torch.zeros(40000, 1, dtype=torch.int8)), "at most 32767"),
+    ((torch.zeros(2, 40000), torch.zeros(40000, 1, dtype=torch.int8)), "1 to 32767 inputs"),
+    ((torch.zeros(2, 0), torch.zeros(0, 1, dtype=torch.int8)), "1 to 32767 inputs"),
 ])
 def test_accumulate_rejects_bad_arguments(args, match):
     with pytest.raises(ValueError, match=match):
