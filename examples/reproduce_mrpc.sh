@@ -80,3 +80,8 @@ spikesim train "${common[@]}" "${tr[@]}" --weights fp --stage kd --max-steps 111
 spikesim train "${common[@]}" "${tr[@]}" --weights fp --stage predict --max-steps 558 --eval-every 186 --eval-timesteps 80 \
     --init "$R/mrpc/fp-h-kd/last.pt" --out "$R/mrpc/fp-h-pred"
 for w in ternary binary; do quantize $w "$R/mrpc/fp-h-pred/best.pt" $w-h 186 279 93 "${tr[@]}"; done
+# 12. the ablation for a quantized student: step 7 with 1.58-bit weights, the soft-label stage alone (transfer set,
+#     744 steps) from the teacher's layers, no intermediate KD (2026-12-07, 2 threads as the only job, 2.6-3.1 s/step,
+#     36 min; results/mrpc/nokd-ternary-t-pred.metrics.jsonl)
+spikesim train "${common[@]}" "${tr[@]}" --weights ternary --stage predict --max-steps 744 --eval-every 186 --eval-timesteps 80 \
+    --out "$R/mrpc/nokd-ternary-t-pred"
