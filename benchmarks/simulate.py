@@ -15,6 +15,7 @@ sequences (no padding) unless ``--pad`` is given.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -58,6 +59,20 @@ def build(config: str, weights: str, hidden: int | None, seed: int = 0) -> tuple
                 m.weight.copy_(torch.randn(m.weight.shape, generator=g))
     model.freeze_quantized()
     return model.eval(), seq_len
+
+
+@contextlib.contextmanager
+def environment(name: str, value: str):
+    """``os.environ[name] = value`` inside the block, the previous state back after it, whatever happened."""
+    saved = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved
 
 
 def sync(device: str) -> None:
@@ -274,31 +289,24 @@ def main(argv=None) -> dict:
         result["cpu_spike_product"] = kernels.cpu_spike_product()
         result["malloc_tuned"] = native.tune_malloc()  # applied by the first fast run, before any timing
         if a.compare_native and native.available():
-            os.environ["SPIKINGBERT_NATIVE"] = "0"
             native._library.cache_clear()
             try:
-                fast()
-                times = timed(fast, dev, fast_repeats)
+                with environment("SPIKINGBERT_NATIVE", "0"):
+                    fast()
+                    times = timed(fast, dev, fast_repeats)
             finally:  # the compiled scan back on, whatever happened
-                os.environ.pop("SPIKINGBERT_NATIVE")
                 native._library.cache_clear()
             result["fast_without_native_seq_steps_per_s"] = seq_steps / statistics.median(times)
             result["native_speedup"] = statistics.median(times) / statistics.median(t_fast)
     if dev == "cpu" and a.compare_products:
-        saved = os.environ.get("SPIKINGBERT_CPU_PRODUCT")
         for choice in [c.strip() for c in a.compare_products.split(",") if c.strip()]:
-            os.environ["SPIKINGBERT_CPU_PRODUCT"] = choice
             try:
-                fast()
-                times = timed(fast, dev, fast_repeats)
+                with environment("SPIKINGBERT_CPU_PRODUCT", choice):
+                    fast()
+                    times = timed(fast, dev, fast_repeats)
                 result.setdefault("fast_seq_steps_per_s_by_cpu_product", {})[choice] = seq_steps / statistics.median(times)
             except Exception as exc:
                 result.setdefault("fast_seq_steps_per_s_by_cpu_product", {})[choice] = f"failed: {exc}"[:200]
-            finally:  # the default back, whatever happened
-                if saved is None:
-                    os.environ.pop("SPIKINGBERT_CPU_PRODUCT", None)
-                else:
-                    os.environ["SPIKINGBERT_CPU_PRODUCT"] = saved
     lin, att = flops_per_sequence_step(model, L)
     if a.profile:
         result["fast_native_scan_s"] = native_scan_time(fast)

@@ -295,6 +295,16 @@ int %(name)s(const REAL *cur, const uint16_t *cur16, const REAL *scale, const RE
     return failed;
 }
 
+/* d[j] = (d[j] + bias[j]) + residual[j], each addition rounded to REAL as PyTorch's add_ would; the
+   residual bf16 (res16: 0/1 spikes) or REAL (res); any of the three may be absent. */
+static inline void %(name)s_bias_residual(REAL *restrict d, const REAL *restrict bias,
+                                          const uint16_t *restrict res16, const REAL *restrict res, int64_t n)
+{
+    if (bias) for (int64_t j = 0; j < n; ++j) d[j] = d[j] + bias[j];
+    if (res16) for (int64_t j = 0; j < n; ++j) d[j] = d[j] + (REAL)bf16_to_float(res16[j]);
+    else if (res) for (int64_t j = 0; j < n; ++j) d[j] = d[j] + res[j];
+}
+
 /* out[r] = (acc[r]*scale + bias) + residual[r] over rows r, each operation rounded to REAL as
    PyTorch's mul, add_ and add_ would: acc is bf16 (small integers) or REAL (accf), the residual
    bf16 (0/1 spikes) or REAL (resf).
@@ -316,14 +326,8 @@ void %(affine)s(const uint16_t *acc, const REAL *accf, int64_t acc_rs, const REA
             REAL *restrict d = out_cols ? v : o + j0;
             if (a) for (int64_t j = 0; j < n; ++j) d[j] = (REAL)bf16_to_float(a[j0 + j]) * scale[j0 + j];
             else for (int64_t j = 0; j < n; ++j) d[j] = af[j0 + j] * scale[j0 + j];
-            if (bias) for (int64_t j = 0; j < n; ++j) d[j] = d[j] + bias[j0 + j];
-            if (res) {
-                const uint16_t *restrict p = res + r * res_rs + j0;
-                for (int64_t j = 0; j < n; ++j) d[j] = d[j] + (REAL)bf16_to_float(p[j]);
-            } else if (resf) {
-                const REAL *restrict p = resf + r * res_rs + j0;
-                for (int64_t j = 0; j < n; ++j) d[j] = d[j] + p[j];
-            }
+            %(name)s_bias_residual(d, bias ? bias + j0 : 0, res ? res + r * res_rs + j0 : 0,
+                                   resf ? resf + r * res_rs + j0 : 0, n);
             if (out_cols)
                 for (int64_t jj = 0; jj < n; jj += run)  /* runs of contiguous columns */
                     %(name)s_copy(o + out_cols[j0 + jj], v + jj, run);
@@ -381,15 +385,9 @@ int %(accumulate)s(const REAL *x, int64_t x_rs, const int8_t *wt, REAL *out, int
                 if (scale) {
                     const REAL *restrict sc = scale + n0;
                     for (int64_t j = 0; j < nb; ++j) d[j] = (REAL)acc[j] * sc[j];
-                    if (bias) {
-                        const REAL *restrict bi = bias + n0;
-                        for (int64_t j = 0; j < nb; ++j) d[j] = d[j] + bi[j];
-                    }
                 } else for (int64_t j = 0; j < nb; ++j) d[j] = (REAL)acc[j];
-                if (rr) {
-                    const REAL *restrict p = rr + n0;
-                    for (int64_t j = 0; j < nb; ++j) d[j] = d[j] + p[j];
-                }
+                /* a bias or residual comes with a scale (accumulate() checks) */
+                %(name)s_bias_residual(d, bias ? bias + n0 : 0, 0, rr ? rr + n0 : 0, nb);
             }
         }
         free(idx);
@@ -654,6 +652,20 @@ def scan(current: Tensor, mem: Tensor, *, threshold: float = 1.0, leak: float = 
     return out if float_out else out_bf16
 
 
+def _rows(name: str, t: Tensor | None, want: torch.dtype, shape) -> Tensor | None:
+    """``t`` (a CPU ``want`` tensor of ``shape`` whose last axis is contiguous) as (rows, W) with one
+    row stride, or None for None."""
+    if t is None:
+        return None
+    W = shape[-1]
+    if t.dtype != want or t.device.type != "cpu" or tuple(t.shape) != tuple(shape) or (W > 1 and t.stride(-1) != 1):
+        raise ValueError(f"{name} must be a CPU {want} tensor of shape {tuple(shape)} with a contiguous last axis")
+    try:
+        return t.view(-1, W)
+    except RuntimeError:
+        raise ValueError(f"{name}'s rows must merge into one stride") from None
+
+
 def affine(acc: Tensor, scale: Tensor, bias: Tensor | None = None, residual: Tensor | None = None,
            out: Tensor | None = None, out_layout: Layout | None = None) -> Tensor:
     """``(acc·scale + bias) + residual`` in ``scale``'s dtype (float32 or float64), in one pass.
@@ -681,21 +693,11 @@ def affine(acc: Tensor, scale: Tensor, bias: Tensor | None = None, residual: Ten
     elif out is None:
         out = torch.empty(acc.shape, dtype=dtype)
 
-    def rows(name: str, t: Tensor | None, want: torch.dtype) -> Tensor | None:
-        if t is None:
-            return None
-        if t.dtype != want or t.device.type != "cpu" or t.shape != acc.shape or (W > 1 and t.stride(-1) != 1):
-            raise ValueError(f"{name} must be a CPU {want} tensor of shape {tuple(acc.shape)} with a contiguous last axis")
-        try:
-            return t.view(-1, W)
-        except RuntimeError:
-            raise ValueError(f"{name}'s rows must merge into one stride") from None
-
     low = acc.dtype == torch.bfloat16
     res_low = residual is not None and residual.dtype == torch.bfloat16
-    a = rows("acc", acc, torch.bfloat16 if low else dtype)
-    r = rows("residual", residual, torch.bfloat16 if res_low else dtype)
-    o = rows("out", out, dtype) if out_layout is None else out
+    a = _rows("acc", acc, torch.bfloat16 if low else dtype, acc.shape)
+    r = _rows("residual", residual, torch.bfloat16 if res_low else dtype, acc.shape)
+    o = _rows("out", out, dtype, acc.shape) if out_layout is None else out
     _check_columns(dtype, W, scale=scale, bias=bias)
     R = a.shape[0]
     threads = max(1, min(torch.get_num_threads(), R, (R * W) // MIN_SPLIT))
@@ -747,14 +749,7 @@ def accumulate(x: Tensor, weight_t: Tensor, out: Tensor | None = None, scale: Te
         out = torch.empty(shape, dtype=dtype)
     elif out.dtype != dtype or tuple(out.shape) != shape or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous {dtype} tensor of shape {shape}")
-    res = None
-    if residual is not None:
-        if residual.dtype != dtype or tuple(residual.shape) != shape or (N > 1 and residual.stride(-1) != 1):
-            raise ValueError(f"residual must be a {dtype} tensor of shape {shape} with a contiguous last axis")
-        try:
-            res = residual.view(-1, N)
-        except RuntimeError:
-            raise ValueError("residual's rows must merge into one stride") from None
+    res = _rows("residual", residual, dtype, shape)
     R = rows.shape[0]
     if R == 0 or N == 0:
         return out
