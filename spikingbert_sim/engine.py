@@ -16,7 +16,12 @@ before it runs. Two backends compute it:
   counts the recorder's statistics and writes the spikes that the next product reads; the
   compiled code also applies the binary/ternary products' scale, bias and residual
   (:func:`native.affine`, or inside the key and value neurons' scan), and writes attention's
-  operands per head so that its products need no re-layout copies.
+  operands per head so that its products need no re-layout copies. With the compiled
+  accumulation, the key, value and intermediate neurons sum their own binary/ternary currents
+  from the input spikes as they run (:func:`native.scan`'s ``weight_t``; the intermediate GELU
+  read from a table of its value at every possible integer sum), so those currents are never
+  written to memory. The products and tables are prepared once per model and kept until a
+  weight changes.
 * ``fused`` (CUDA): spike products on tensor cores in fp8 e4m3 or int8 (exact for binary/ternary
   weights), then one Triton kernel per site that applies the product's scale and bias (and GELU,
   or the residual and LayerNorm), runs the neuron over t with the membrane in registers, writes
@@ -215,10 +220,10 @@ class _ExactLinear:
         how = kernels.cpu_spike_product() if self.cpu else "float"
         self.low = how == "bf16"
         self.values = torch.cat(values).to(device=device, dtype=torch.bfloat16 if self.low else dtype)
-        self.wt = None  # (K, N) int8 weights for native.accumulate
+        self.wt = None  # (K, N) int16 weights for native.accumulate
         if how == "accumulate" and dtype in (torch.float32, torch.float64) and native.available() \
                 and self.values.shape[1] <= native.ACCUMULATE_MAX_K:
-            self.wt = self.values.to(torch.int8).t().contiguous()
+            self.wt = self.values.to(torch.int16).t().contiguous()
         self.splits = [m.out_features for m in modules]
         self.biases = [m.bias for m in modules]
         # every column's scale (and bias) as one row: one multiply (and one add) for all modules
@@ -230,6 +235,17 @@ class _ExactLinear:
         self.dtype = dtype
         self.native = self.cpu and dtype in (torch.float32, torch.float64) and native.available() \
             and (self.bias_row is not None or all(b is None for b in self.biases))
+
+    def summed(self, c0: int, c1: int, fn=None) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None] | None:
+        """Columns c0..c1-1 for a neuron scan that sums the product itself (:func:`native.scan`'s
+        ``weight_t``): their int16 weights, scale, bias and, with ``fn``, the table of
+        ``fn(currents)`` for every possible sum; None where the compiled accumulation is not used."""
+        if self.wt is None or not self.native:
+            return None
+        bias = None if self.bias_row is None else self.bias_row[c0:c1].contiguous()
+        scale = self.scale_row[c0:c1].contiguous()
+        table = None if fn is None else native.product_table(fn, scale, bias, self.wt.shape[0])
+        return self.wt[:, c0:c1].contiguous(), scale, bias, table
 
     def product(self, x: Tensor, low: Tensor | None = None) -> Tensor:
         """``x @ valuesᵀ``, exact; ``low``: the same 0/1 spikes already in bf16 (saves a
@@ -297,6 +313,44 @@ class _ExactLinear:
         return pair, parts[:first] + parts[first + count:]
 
 
+_PREPARED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _signature(model: nn.Module) -> tuple:
+    """Identity and version of every parameter and buffer: changes when any weight changes."""
+    return tuple((t.data_ptr(), t._version, t.dtype, str(t.device))
+                 for t in itertools.chain(model.parameters(), model.buffers()))
+
+
+def _torch_linears(model: SpikingBertForSequenceClassification, dtype: torch.dtype, device: torch.device,
+                   compiled: bool) -> list[dict]:
+    """The torch backend's per-layer products (:class:`_ExactLinear`), cached per model, dtype,
+    device and CPU product until a parameter or buffer of the model changes. With the compiled
+    kernels and binary/ternary weights, ``summed``: the operands with which K's, V's and the
+    intermediate neurons sum their own currents (:meth:`_ExactLinear.summed`; the intermediate
+    layer's GELU tabulated), and Q's."""
+    key = ("torch", dtype, str(device), compiled, kernels.cpu_spike_product() if device.type == "cpu" else None)
+    sig = _signature(model)
+    cache = _PREPARED.setdefault(model, {})
+    hit = cache.get(key)
+    if hit is not None and hit[0] == sig:
+        return hit[1]
+    D = model.config.hidden_size
+    linears = []
+    for layer in model.layers:
+        lin = dict(kvq=_ExactLinear([layer.key, layer.value, layer.query], dtype, device),
+                   o=_ExactLinear([layer.attention_output], dtype, device),
+                   i=_ExactLinear([layer.intermediate], dtype, device),
+                   out=_ExactLinear([layer.output], dtype, device))
+        kvq, inter = lin["kvq"], lin["i"]
+        parts = [kvq.summed(0, D), kvq.summed(D, 2 * D), kvq.summed(2 * D, 3 * D),
+                 inter.summed(0, inter.splits[0], F.gelu)] if compiled and kvq.exact else [None]
+        lin["summed"] = None if any(p is None for p in parts) else parts
+        linears.append(lin)
+    cache[key] = (sig, linears)
+    return linears
+
+
 class _TorchRun:
     def __init__(self, model, embedded: Tensor, mask_bias: Tensor, timesteps: int, recorder) -> None:
         self.model, self.embedded, self.mask_bias, self.recorder = model, embedded, mask_bias, recorder
@@ -305,15 +359,10 @@ class _TorchRun:
         self.mems: dict[str, Tensor] = {}
         dt, dev = embedded.dtype, embedded.device
         self.dtype = dt
-        self.linears = [
-            dict(kvq=_ExactLinear([layer.key, layer.value, layer.query], dt, dev),
-                 o=_ExactLinear([layer.attention_output], dt, dev),
-                 i=_ExactLinear([layer.intermediate], dt, dev),
-                 out=_ExactLinear([layer.output], dt, dev))
-            for layer in model.layers]
         # The compiled scan (CPU, float32/64): per-site state, statistics counted in the scan,
         # and bf16 copies of the spikes for the exact products that read them.
         self.native = dev.type == "cpu" and dt in (torch.float32, torch.float64) and native.available()
+        self.linears = _torch_linears(model, dt, dev, self.native)
         self.bf16 = self.native and model.config.weight_mode != "fp" and kernels.cpu_spike_product() == "bf16"
         B, L, _ = embedded.shape
         self.B, self.L, self.R = B, L, B * L
@@ -334,8 +383,13 @@ class _TorchRun:
 
     def scan(self, sites: tuple[str, ...], current: Tensor, bf16: bool = False,
              affine: tuple[Tensor, Tensor | None] | None = None, in_layout: native.Layout | None = None,
-             head_outs: tuple[tuple[Tensor, native.Layout, Callable[[], Tensor]], ...] | None = None):
+             head_outs: tuple[tuple[Tensor, native.Layout, Callable[[], Tensor]], ...] | None = None,
+             summed: tuple | None = None):
         """Scan ``current`` (t, B, L, ΣW) for one or more sites laid side by side.
+
+        ``summed`` (one site; compiled scan only): ``current`` is a binary/ternary layer's input
+        spikes, and this (weights, scale, bias, table) of :meth:`_ExactLinear.summed` gives the
+        site's currents, summed inside the scan.
 
         Compiled scan only: ``affine``: ``current`` is a bf16 product accumulator and this
         (scale, bias) turns it into currents inside the scan; ``in_layout``: ``current`` is a
@@ -349,7 +403,7 @@ class _TorchRun:
         are exact in bf16, and a float tensor plus bf16 spikes rounds as plus float spikes).
         Returns the spikes, or (spikes, their bf16 form or None) when ``bf16`` is asked for."""
         if self.native:
-            spikes, low = self._scan_native(sites, current, bf16 and self.bf16, affine, in_layout, head_outs)
+            spikes, low = self._scan_native(sites, current, bf16 and self.bf16, affine, in_layout, head_outs, summed)
         else:
             key = "+".join(sites)
             spikes, self.mems[key] = kernels.scan_torch(current, self.threshold, self.leak, self.mems.get(key))
@@ -379,10 +433,15 @@ class _TorchRun:
 
     def _scan_native(self, sites: tuple[str, ...], current: Tensor, bf16: bool,
                      affine: tuple[Tensor, Tensor | None] | None, in_layout: native.Layout | None,
-                     head_outs) -> tuple[Tensor | None, Tensor | None]:
+                     head_outs, summed=None) -> tuple[Tensor | None, Tensor | None]:
         t = current.shape[0]
         width = sum(self.model.site_width(s) for s in sites)
-        if in_layout is not None:
+        if summed is not None:
+            cur = current.reshape(t, self.R, -1)  # the input spikes
+            weight_t, scale, bias, table = summed
+            summed = dict(weight_t=weight_t, table=table)
+            affine = None if table is not None else (scale, bias)
+        elif in_layout is not None:
             cur = current  # the kernel reads it through in_layout
         elif current.stride(0):
             cur = current.reshape(t, self.R, width)
@@ -400,11 +459,12 @@ class _TorchRun:
             target = dict(out=head_outs[n][0], out_layout=head_outs[n][1]) if head_outs is not None else \
                 dict(out=None if out is None else out[..., cols], out_bf16=None if low is None else low[..., cols],
                      float_out=out is not None)
-            native.scan(cur if in_layout is not None else cur[..., cols], st.mem, threshold=self.threshold,
+            native.scan(cur if in_layout is not None or summed else cur[..., cols], st.mem, threshold=self.threshold,
                         leak=self.leak, weighted=st.weighted, valid=self.valid, in_layout=in_layout,
                         counts=None if st.counts is None else st.counts[self.t0:self.t0 + t],
                         scale=None if affine is None else affine[0][cols],
-                        bias=None if affine is None or affine[1] is None else affine[1][cols], **target)
+                        bias=None if affine is None or affine[1] is None else affine[1][cols], **target,
+                        **(summed or {}))
             c0 += w
         if head_outs is not None:
             return None, None
@@ -416,11 +476,11 @@ class _TorchRun:
     def layer(self, layer: SpikingEncoderLayer, lin: dict, x: Tensor, x16: Tensor | None) -> tuple[Tensor, Tensor | None]:
         D = self.model.config.hidden_size
         kv_sites = (layer.site("key"), layer.site("value"))
-        kvq = lin["kvq"]
-        acc = kvq.product(x, x16) if kvq.exact else None
+        kvq, summed = lin["kvq"], lin["summed"]
+        acc = kvq.product(x, x16) if kvq.exact and summed is None else None
         mask = None if self.recorder.all_valid else self.mask_bias  # no padding: nothing to add
         if self.native:
-            a, a16 = self._attention_per_head(layer, kvq, x, x16, acc, kv_sites, mask)
+            a, a16 = self._attention_per_head(layer, kvq, x, x16, acc, kv_sites, mask, summed)
         else:
             kv_cur, (q,) = kvq.fused_pair(x, 0, low=x16, acc=acc)
             kv = self.scan(kv_sites, kv_cur)
@@ -428,23 +488,34 @@ class _TorchRun:
             a, a16 = self.scan((layer.site("attention"),), layer.attend(q, k, v, mask), bf16=True)
         (o,) = lin["o"](a, low=a16, residual=x)
         so, so16 = self.scan((layer.site("attention_output"),), layer.attention_norm(o), bf16=True)
-        (i,) = lin["i"](so, low=so16)
-        h, h16 = self.scan((layer.site("intermediate"),), _gelu_(i), bf16=True)
+        if summed is not None:  # the neurons sum their currents and take their GELU from a table
+            h, h16 = self.scan((layer.site("intermediate"),), so, bf16=True, summed=summed[3])
+        else:
+            (i,) = lin["i"](so, low=so16)
+            h, h16 = self.scan((layer.site("intermediate"),), _gelu_(i), bf16=True)
         (o2,) = lin["out"](h, low=h16, residual=so)
         return self.scan((layer.site("output"),), layer.output_norm(o2), bf16=True)
 
     def _attention_per_head(self, layer: SpikingEncoderLayer, kvq: _ExactLinear, x: Tensor, x16: Tensor | None,
-                            acc: Tensor | None, kv_sites: tuple[str, str], mask: Tensor | None):
+                            acc: Tensor | None, kv_sites: tuple[str, str], mask: Tensor | None, summed=None):
         """K and V spikes written per head (Kᵀ transposed), Q per head, the model's per-head
         attention on them, and the attention site's neurons reading the context per head: the
-        same operands and products as :meth:`SpikingEncoderLayer.attend`, without its copies."""
+        same operands and products as :meth:`SpikingEncoderLayer.attend`, without its copies.
+        ``summed``: K's and V's neurons sum their products from ``x`` themselves, and Q's
+        currents are accumulated apart (:meth:`_ExactLinear.summed`)."""
         B, L, H, dh = self.heads
         D, t = H * dh, x.shape[0]
         k_t = torch.empty(t, B, H, dh, L, dtype=self.dtype)
         v = torch.empty(t, B, H, L, dh, dtype=self.dtype)
         outs = ((k_t, self.lay_kt, lambda: k_t.permute(0, 1, 4, 2, 3).reshape(t, B, L, D)),
                 (v, self.lay_heads, lambda: v.permute(0, 1, 3, 2, 4).reshape(t, B, L, D)))
-        if kvq.fusable(acc):
+        if summed is not None:
+            for site, out, part in zip(kv_sites, outs, summed):
+                self.scan((site,), x, summed=part, head_outs=(out,))
+            weight_t, scale, bias, _ = summed[2]
+            q = native.accumulate(x, weight_t, scale=scale, bias=bias)
+            q = layer._heads(q).contiguous()
+        elif kvq.fusable(acc):
             # K and V: the neurons take scale and bias on the fly (no current tensor); Q: one pass
             self.scan(kv_sites, acc[..., :2 * D], affine=(kvq.scale_row, kvq.bias_row), head_outs=outs)
             q = torch.empty(t, B, H, L, dh, dtype=self.dtype)
@@ -505,15 +576,6 @@ def prepare_product(modules: list[QuantLinear], operand: str, device) -> _Produc
                           else torch.zeros(m.out_features, device=device))
         weight = torch.cat(vals).to(dtype=kernels.operand_dtype(operand)).contiguous()
         return _Product(weight, torch.cat(scales) if exact else None, torch.cat(biases), exact)
-
-
-_PREPARED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def _signature(model: nn.Module) -> tuple:
-    """Identity and version of every parameter and buffer: changes when any weight changes."""
-    return tuple((t.data_ptr(), t._version, t.dtype, str(t.device))
-                 for t in itertools.chain(model.parameters(), model.buffers()))
 
 
 def prepared_layers(model: SpikingBertForSequenceClassification, operand: str, device) -> list[dict]:

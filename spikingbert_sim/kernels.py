@@ -58,7 +58,7 @@ EXACT_BF16_K = 256
 CPU_PRODUCTS = ("auto", "bf16", "accumulate", "float")
 """Ways the CPU engine computes a binary/ternary layer's exact spike product (all give the same
 integers, so the choice changes the speed only, never a spike): ``bf16`` products
-(:func:`exact_product_cpu`), ``accumulate`` (:func:`native.accumulate`: each row adds the int8
+(:func:`exact_product_cpu`), ``accumulate`` (:func:`native.accumulate`: each row adds the integer
 weight rows of its firing inputs, as a neuromorphic chip's synaptic operations), or ``float``
 products in the model's dtype."""
 

@@ -21,9 +21,14 @@ the context back), so attention's products need no re-layout copies.
 
 On CPUs without bf16 instructions (AVX2-only machines, where oneDNN's bf16 product is a slow
 reference loop) the products themselves run here too: :func:`accumulate` is the event-driven
-product of a neuromorphic chip, each row adding the int8 weight rows of its firing inputs into
-int16 accumulators (exact integers), with the scale, bias and residual applied as it writes
-(:func:`kernels.cpu_spike_product` chooses between it, bf16 and float products).
+product of a neuromorphic chip, each row adding the int16 weight rows of its firing inputs into
+int16 accumulators (exact integers; with AVX2, up to 128 columns held in registers over all the
+firing inputs, which are found from a bit mask of the row), with the scale, bias and residual
+applied as it writes (:func:`kernels.cpu_spike_product` chooses between it, bf16 and float
+products). :func:`scan` can sum such a product itself (``weight_t``): each row's currents are
+summed from its input spikes at each step, scaled (or looked up in a table of a function of them,
+:func:`product_table`: the intermediate layer's GELU) and fed to the neurons, never written to
+memory.
 
 **Exactness.** Per neuron and step the C code does what ``scan_torch`` does, in the same order
 and precision: ``u ← u·γ`` (skipped when γ = 1, as there), ``u ← u + x``, ``s = [u > V_th]``,
@@ -71,6 +76,9 @@ BLOCK = 1024
 """Neurons whose state a C loop keeps in a local array over all t steps (a group of rows, or a
 block of one wide row's columns)."""
 
+ACCUMULATE_MAX_K = 32767
+"""Longest input that :func:`accumulate`'s int16 accumulators sum exactly (|Σ| ≤ K)."""
+
 MIN_SPLIT = 1 << 15
 """Fewest (step, neuron) updates per thread worth a thread of its own."""
 
@@ -78,8 +86,17 @@ _HEADER = r"""
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
 
 #define BLOCK %(block)d
+#define WORDS %(words)d  /* 64-bit words of input bits: K ≤ 64·WORDS */
+#if defined(__GNUC__) && !defined(__clang__)
+#define SCALAR_LOOP __attribute__((optimize("no-tree-vectorize")))
+#else
+#define SCALAR_LOOP
+#endif
 
 static inline float bf16_to_float(uint16_t h)
 {
@@ -126,11 +143,97 @@ static inline void %(name)s_copy(REAL *restrict d, const REAL *restrict s, int64
     } else for (int64_t k = 0; k < len; ++k) d[k] = s[k];
 }
 
+/* Bit j of the result: x[j] != 0, for j < n ≤ 64 (8 or 4 values a compare where AVX is built in). */
+static inline uint64_t %(name)s_mask(const REAL *restrict x, int64_t n)
+{
+    uint64_t m = 0;
+    int64_t j = 0;
+#if defined(__AVX__)
+#if REAL_IS_DOUBLE
+    const __m256d z = _mm256_setzero_pd();
+    for (; j + 4 <= n; j += 4)
+        m |= (uint64_t)(unsigned)_mm256_movemask_pd(_mm256_cmp_pd(_mm256_loadu_pd(x + j), z, _CMP_NEQ_UQ)) << j;
+#else
+    const __m256 z = _mm256_setzero_ps();
+    for (; j + 8 <= n; j += 8)
+        m |= (uint64_t)(unsigned)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + j), z, _CMP_NEQ_UQ)) << j;
+#endif
+#endif
+    for (; j < n; ++j) m |= (uint64_t)(x[j] != (REAL)0) << j;
+    return m;
+}
+
+/* The firing inputs of a row of K spikes as bits: word k / 64, bit k %% 64 (x[k] != 0). */
+static inline void %(name)s_words(const REAL *restrict x, int64_t K, uint64_t *restrict words)
+{
+    for (int64_t k0 = 0; k0 < K; k0 += 64)
+        words[k0 / 64] = %(name)s_mask(x + k0, K - k0 < 64 ? K - k0 : 64);
+}
+
+/* acc[j] = Σ over the set bits k of words[0..nw) of w[k·N + j], for j < nb, int16 (exact: |Σ| ≤
+   K ≤ 32767). Where AVX2 is built in, 16 columns a register and up to 8 registers held over all
+   the firing inputs (each: one load and one add per register); the columns past the last whole
+   register, or every column without AVX2, through an array. */
+#if defined(__AVX2__)
+static inline __attribute__((always_inline)) void %(name)s_tile(const int16_t *restrict w, int64_t N,
+        const uint64_t *restrict words, int64_t nw, int16_t *restrict acc, const int nv)
+{
+    __m256i a[8];
+    for (int v = 0; v < nv; ++v) a[v] = _mm256_setzero_si256();
+    for (int64_t q = 0; q < nw; ++q)
+        for (uint64_t m = words[q]; m; m &= m - 1) {
+            const __m256i *wr = (const __m256i *)(w + (q * 64 + __builtin_ctzll(m)) * N);
+            for (int v = 0; v < nv; ++v) a[v] = _mm256_add_epi16(a[v], _mm256_loadu_si256(wr + v));
+        }
+    for (int v = 0; v < nv; ++v) _mm256_storeu_si256((__m256i *)acc + v, a[v]);
+}
+#endif
+
+static void %(name)s_sum(const int16_t *restrict w, int64_t N, const uint64_t *restrict words, int64_t nw,
+                         int16_t *restrict acc, int64_t nb)
+{
+    int64_t j0 = 0;
+#if defined(__AVX2__)
+    while (nb - j0 >= 16) {
+        const int64_t left = (nb - j0) / 16;
+        const int nv = left < 8 ? (int)left : 8;
+        switch (nv) {  /* a constant register count each: the registers stay registers */
+            case 8: %(name)s_tile(w + j0, N, words, nw, acc + j0, 8); break;
+            case 7: %(name)s_tile(w + j0, N, words, nw, acc + j0, 7); break;
+            case 6: %(name)s_tile(w + j0, N, words, nw, acc + j0, 6); break;
+            case 5: %(name)s_tile(w + j0, N, words, nw, acc + j0, 5); break;
+            case 4: %(name)s_tile(w + j0, N, words, nw, acc + j0, 4); break;
+            case 3: %(name)s_tile(w + j0, N, words, nw, acc + j0, 3); break;
+            case 2: %(name)s_tile(w + j0, N, words, nw, acc + j0, 2); break;
+            default: %(name)s_tile(w + j0, N, words, nw, acc + j0, 1); break;
+        }
+        j0 += 16 * (int64_t)nv;
+    }
+#endif
+    if (j0 == nb) return;
+    for (int64_t j = j0; j < nb; ++j) acc[j] = 0;
+    for (int64_t q = 0; q < nw; ++q)
+        for (uint64_t m = words[q]; m; m &= m - 1) {
+            const int16_t *restrict w0 = w + (q * 64 + __builtin_ctzll(m)) * N;
+            for (int64_t j = j0; j < nb; ++j) acc[j] = (int16_t)(acc[j] + w0[j]);
+        }
+}
+
+/* xi[j] = lt[a[j]·wN + j]: f((sum·scale) + bias) tabulated per column for every possible sum
+   (lt: the row of sum 0), one load each: AVX2 gathers were 1.5x slower (AMD Zen 3) */
+SCALAR_LOOP static void %(name)s_lookup(REAL *restrict xi, const REAL *restrict lt, const int16_t *restrict a,
+                                        int64_t wN, int64_t n)
+{
+    for (int64_t j = 0; j < n; ++j) xi[j] = lt[(int64_t)a[j] * wN + j];
+}
+
 /* Rows r0..r1-1 (g = r1 - r0 rows, g·n ≤ BLOCK neurons of columns j0..j0+n-1 each), all T steps:
    their membranes stay in a local array; each step's currents are read (or gathered) into, and its
    spikes written (or scattered) from, runs of g·n values. */
 static void %(name)s_rows(const REAL *cur, const uint16_t *cur16, const REAL *scale,
                           const REAL *bias, const %(name)s_layout *in,
+                          const REAL *spk, int64_t spk_ts, int64_t spk_rs, const int16_t *wt,
+                          int64_t K, int64_t wN, const REAL *lut,
                           REAL *out, uint16_t *out_bf16, const %(name)s_layout *ol,
                           REAL *mem, REAL *wsum, const uint8_t *valid, int64_t *counts,
                           int64_t T, int64_t r0, int64_t r1, int64_t j0, int64_t n, int64_t W,
@@ -159,7 +262,21 @@ static void %(name)s_rows(const REAL *cur, const uint16_t *cur16, const REAL *sc
     }
     for (int64_t t = 0; t < T; ++t) {
         const REAL *restrict c = x;
-        if (scale) { /* (acc * scale) + bias, each rounded, as the unfused operations */
+        if (wt) {  /* a binary/ternary product's currents, summed here from its input spikes */
+            for (int64_t i = 0; i < g; ++i) {
+                uint64_t words[WORDS];
+                %(name)s_words(spk + t * spk_ts + (r0 + i) * spk_rs, K, words);
+                int16_t a[BLOCK];
+                %(name)s_sum(wt + j0, wN, words, (K + 63) / 64, a, n);
+                REAL *restrict xi = x + i * n;
+                if (lut) %(name)s_lookup(xi, lut + K * wN + j0, a, wN, n);
+                else {
+                    const REAL *restrict sc = scale + j0;
+                    for (int64_t j = 0; j < n; ++j) xi[j] = (REAL)a[j] * sc[j];
+                    if (bias) for (int64_t j = 0; j < n; ++j) xi[j] = xi[j] + bias[j0 + j];
+                }
+            }
+        } else if (scale) { /* (acc * scale) + bias, each rounded, as the unfused operations */
             const REAL *restrict sc = scale + j0, *restrict bi = bias ? bias + j0 : 0;
             for (int64_t i = 0; i < g; ++i) {
                 REAL *restrict xi = x + i * n;
@@ -185,26 +302,32 @@ static void %(name)s_rows(const REAL *cur, const uint16_t *cur16, const REAL *sc
         }
         if (leaky) for (int64_t k = 0; k < len; ++k) m[k] = m[k] * leak;
         int32_t fired_all = 0;
-        for (int64_t k = 0; k < len; ++k) {
-            const REAL u = m[k] + c[k];
-            const int fired = u > th;
-            const REAL s = fired ? (REAL)1 : (REAL)0;
-            m[k] = u - s * th;
-            sp[k] = s;
-            fired_all += fired;
+        /* fire and reset; the weighted spike sum in the same pass where it is kept */
+#define FIRE(update) \
+        for (int64_t k = 0; k < len; ++k) { \
+            const REAL u = m[k] + c[k]; \
+            const int fired = u > th; \
+            const REAL s = fired ? (REAL)1 : (REAL)0; \
+            m[k] = u - s * th; \
+            sp[k] = s; \
+            update; \
+            fired_all += fired; \
         }
+        if (!wsum) FIRE((void)0)
+        else if (leaky) FIRE(w[k] = w[k] * leak + s)
+        else FIRE(w[k] = w[k] + s)
+#undef FIRE
         if (trans_out) {  /* a column's g rows are side by side (Kᵀ): write them together */
             const int64_t off = t * ol->ts + orow[0];
             const int64_t *restrict cc = ol->cols + j0;
-            for (int64_t i = 0; i < g; ++i) {
-                const REAL *restrict si = sp + i * n;
+            for (int64_t j = 0; j < n; ++j) {  /* column j of the g rows: g consecutive values */
                 if (out) {
-                    REAL *restrict d = out + off + i;
-                    for (int64_t j = 0; j < n; ++j) d[cc[j]] = si[j];
+                    REAL *restrict d = out + off + cc[j];
+                    for (int64_t i = 0; i < g; ++i) d[i] = sp[i * n + j];
                 }
                 if (out_bf16) {
-                    uint16_t *restrict d = out_bf16 + off + i;
-                    for (int64_t j = 0; j < n; ++j) d[cc[j]] = (uint16_t)((si[j] != (REAL)0) * 0x3F80);
+                    uint16_t *restrict d = out_bf16 + off + cc[j];
+                    for (int64_t i = 0; i < g; ++i) d[i] = (uint16_t)((sp[i * n + j] != (REAL)0) * 0x3F80);
                 }
             }
         } else for (int64_t i = 0; i < (flat_out ? 1 : g); ++i) {
@@ -231,10 +354,6 @@ static void %(name)s_rows(const REAL *cur, const uint16_t *cur16, const REAL *sc
                 for (int64_t j = 0; j < run; ++j) ob[j] = (uint16_t)((si[j] != (REAL)0) * 0x3F80);
             }
         }
-        if (wsum) {
-            if (leaky) for (int64_t k = 0; k < len; ++k) w[k] = w[k] * leak + sp[k];
-            else for (int64_t k = 0; k < len; ++k) w[k] = w[k] + sp[k];
-        }
         if (!counts) continue;
         if (valid == 0) counts[t] += fired_all;
         else for (int64_t i = 0; i < g; ++i) {  /* valid rows only */
@@ -256,6 +375,7 @@ static void %(name)s_rows(const REAL *cur, const uint16_t *cur16, const REAL *sc
 
 int %(name)s(const REAL *cur, const uint16_t *cur16, const REAL *scale, const REAL *bias,
              int64_t cur_ts, int64_t cur_rs, int64_t cur_lseq, int64_t cur_bs, const int64_t *cur_cols,
+             const REAL *spk, int64_t spk_ts, int64_t spk_rs, const int16_t *wt, int64_t K, const REAL *lut,
              REAL *out, uint16_t *out_bf16,
              int64_t out_ts, int64_t out_rs, int64_t out_lseq, int64_t out_bs, const int64_t *out_cols,
              REAL *mem, REAL *wsum, const uint8_t *valid, int64_t *counts,
@@ -275,14 +395,17 @@ int %(name)s(const REAL *cur, const uint16_t *cur16, const REAL *scale, const RE
         int64_t *local = 0;
         if (counts) {
             local = (int64_t *)calloc((size_t)(T > 0 ? T : 1), sizeof(int64_t));
-            if (!local) failed = 1;
+            if (!local) {
+                #pragma omp atomic write
+                failed = 1;
+            }
         }
         #pragma omp for schedule(static)
         for (int64_t item = 0; item < groups * colblocks; ++item) {
             if (counts && !local) continue;
             const int64_t r0 = (item / colblocks) * g, j0 = (item %% colblocks) * n;
             const int64_t r1 = r0 + g < R ? r0 + g : R;
-            %(name)s_rows(cur, cur16, scale, bias, &in, out, out_bf16, &ol,
+            %(name)s_rows(cur, cur16, scale, bias, &in, spk, spk_ts, spk_rs, wt, K, W, lut, out, out_bf16, &ol,
                           mem, wsum, valid, local, T, r0, r1, j0, W - j0 < n ? W - j0 : n, W,
                           (REAL)threshold, (REAL)leak);
         }
@@ -336,69 +459,43 @@ void %(affine)s(const uint16_t *acc, const REAL *accf, int64_t acc_rs, const REA
 }
 
 /* out[r, :] = Σ_k x[r, k]·wt[k, :] for 0/1 spikes x (R, K) and integer weights wt (K, N) in
-   {-1, 0, 1}, event-driven: each row's firing inputs are listed (from a bit mask per 64 inputs),
-   and their weight rows added into int16 accumulators (|sum| ≤ K ≤ 32767: exact), NB columns at a
-   time, two rows a pass. The sums are written as REAL (exact integers), or, with a scale, as
+   {-1, 0, 1} (int16), event-driven: each row's firing inputs are found from a bit mask per 64
+   inputs, and their weight rows added into int16 accumulators (|sum| ≤ K ≤ 32767: exact), NB
+   columns at a time. The sums are written as REAL (exact integers), or, with a scale, as
    ((sum·scale) + bias) + residual, each operation rounded to REAL as PyTorch's mul, add_ and add_
    would (the affine pass above, fused). A spike x that is neither 0 nor 1 counts as 1. */
 #define NB 512
-int %(accumulate)s(const REAL *x, int64_t x_rs, const int8_t *wt, REAL *out, int64_t out_rs,
-                   const REAL *scale, const REAL *bias, const REAL *res, int64_t res_rs,
-                   int64_t R, int64_t K, int64_t N, int threads)
+void %(accumulate)s(const REAL *x, int64_t x_rs, const int16_t *wt, REAL *out, int64_t out_rs,
+                    const REAL *scale, const REAL *bias, const REAL *res, int64_t res_rs,
+                    int64_t R, int64_t K, int64_t N, int threads)
 {
-    int failed = 0;
-    #pragma omp parallel num_threads(threads) if(threads > 1)
-    {
-        int32_t *idx = (int32_t *)malloc(sizeof(int32_t) * (size_t)(K > 0 ? K : 1));
-        if (!idx) {
-            #pragma omp atomic write
-            failed = 1;
+    #pragma omp parallel for num_threads(threads) if(threads > 1) schedule(static)
+    for (int64_t r = 0; r < R; ++r) {
+        REAL *restrict o = out + r * out_rs;
+        const REAL *restrict rr = res ? res + r * res_rs : 0;
+        uint64_t words[WORDS];
+        %(name)s_words(x + r * x_rs, K, words);
+        for (int64_t n0 = 0; n0 < N; n0 += NB) {
+            const int64_t nb = N - n0 < NB ? N - n0 : NB;
+            int16_t acc[NB];
+            %(name)s_sum(wt + n0, N, words, (K + 63) / 64, acc, nb);
+            REAL *restrict d = o + n0;
+            if (scale) {
+                const REAL *restrict sc = scale + n0;
+                for (int64_t j = 0; j < nb; ++j) d[j] = (REAL)acc[j] * sc[j];
+            } else for (int64_t j = 0; j < nb; ++j) d[j] = (REAL)acc[j];
+            /* a bias or residual comes with a scale (accumulate() checks) */
+            %(name)s_bias_residual(d, bias ? bias + n0 : 0, 0, rr ? rr + n0 : 0, nb);
         }
-        #pragma omp for schedule(static)
-        for (int64_t r = 0; r < R; ++r) {
-            if (!idx) continue;
-            const REAL *restrict xr = x + r * x_rs;
-            REAL *restrict o = out + r * out_rs;
-            const REAL *restrict rr = res ? res + r * res_rs : 0;
-            int64_t cnt = 0;
-            for (int64_t k0 = 0; k0 < K; k0 += 64) {
-                const int64_t n = K - k0 < 64 ? K - k0 : 64;
-                uint64_t m = 0;
-                for (int64_t j = 0; j < n; ++j) m |= (uint64_t)(xr[k0 + j] != (REAL)0) << j;
-                while (m) { idx[cnt++] = (int32_t)(k0 + __builtin_ctzll(m)); m &= m - 1; }
-            }
-            for (int64_t n0 = 0; n0 < N; n0 += NB) {
-                const int64_t nb = N - n0 < NB ? N - n0 : NB;
-                int16_t acc[NB];
-                for (int64_t j = 0; j < nb; ++j) acc[j] = 0;
-                int64_t q = 0;
-                for (; q + 1 < cnt; q += 2) {
-                    const int8_t *restrict w0 = wt + (int64_t)idx[q] * N + n0;
-                    const int8_t *restrict w1 = wt + (int64_t)idx[q + 1] * N + n0;
-                    for (int64_t j = 0; j < nb; ++j) acc[j] = (int16_t)(acc[j] + w0[j] + w1[j]);
-                }
-                if (q < cnt) {
-                    const int8_t *restrict w0 = wt + (int64_t)idx[q] * N + n0;
-                    for (int64_t j = 0; j < nb; ++j) acc[j] = (int16_t)(acc[j] + w0[j]);
-                }
-                REAL *restrict d = o + n0;
-                if (scale) {
-                    const REAL *restrict sc = scale + n0;
-                    for (int64_t j = 0; j < nb; ++j) d[j] = (REAL)acc[j] * sc[j];
-                } else for (int64_t j = 0; j < nb; ++j) d[j] = (REAL)acc[j];
-                /* a bias or residual comes with a scale (accumulate() checks) */
-                %(name)s_bias_residual(d, bias ? bias + n0 : 0, 0, rr ? rr + n0 : 0, nb);
-            }
-        }
-        free(idx);
     }
-    return failed;
 }
 #undef NB
 """
 
-_SOURCE = _HEADER % {"block": BLOCK} + "".join(
-    "\n#define REAL %s\n" % real + _PER_TYPE % {"name": "scan_" + tag, "affine": "affine_" + tag, "accumulate": "accumulate_" + tag} + "#undef REAL\n"
+_SOURCE = _HEADER % {"block": BLOCK, "words": (ACCUMULATE_MAX_K + 63) // 64} + "".join(
+    "\n#define REAL %s\n#define REAL_IS_DOUBLE %d\n" % (real, real == "double")
+    + _PER_TYPE % {"name": "scan_" + tag, "affine": "affine_" + tag, "accumulate": "accumulate_" + tag}
+    + "#undef REAL\n#undef REAL_IS_DOUBLE\n"
     for real, tag in (("float", "f32"), ("double", "f64")))
 
 _FLAGS = ["-O3", "-std=gnu99", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math", "-fno-trapping-math"]
@@ -468,6 +565,7 @@ def _library():
                 continue
             i64, ptr = ctypes.c_int64, ctypes.c_void_p
             args = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, ptr,  # current, its layout
+                    ptr, i64, i64, ptr, i64, ptr,  # or input spikes, weights, table
                     ptr, ptr, i64, i64, i64, i64, ptr,  # out, out_bf16, their layout
                     ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_double, ctypes.c_double, ctypes.c_int]
             for fn in (lib.scan_f32, lib.scan_f64):
@@ -477,7 +575,7 @@ def _library():
                 fn.restype = None
             for fn in (lib.accumulate_f32, lib.accumulate_f64):
                 fn.argtypes = [ptr, i64, ptr, ptr, i64, ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_int]
-                fn.restype = ctypes.c_int
+                fn.restype = None
             return lib
     warnings.warn("spikingbert_sim: the compiled CPU scan is unavailable, using PyTorch's "
                   f"(slower; {errors[-1] if errors else 'unknown error'})", RuntimeWarning, stacklevel=3)
@@ -559,12 +657,63 @@ def _check_layout(name: str, t: Tensor, layout: Layout, T: int | None, R: int, W
             raise ValueError(f"{name}'s layout addresses elements outside it")
 
 
+def _summed_input(spikes: Tensor, mem: Tensor, weight_t: Tensor, scale: Tensor | None, table: Tensor | None,
+                  in_layout: Layout | None) -> tuple[Tensor, Tensor, int, Tensor]:
+    """:func:`scan`'s checks of a binary/ternary product summed inside the scan; returns the
+    spikes, a stand-in (t, R, W) current for the remaining checks (an expanded zero: no memory),
+    K and the int16 weights."""
+    R, W = mem.shape if mem.dim() == 2 else (-1, -1)
+    if in_layout is not None:
+        raise ValueError("input spikes are read row-major only (no in_layout)")
+    if spikes.dim() != 3 or spikes.shape[1] != R or spikes.dtype != mem.dtype or spikes.device.type != "cpu":
+        raise ValueError(f"with weight_t, current must be CPU {mem.dtype} input spikes (t, {R}, K), "
+                         f"got {spikes.dtype} {tuple(spikes.shape)}")
+    K = spikes.shape[2]
+    if K > 1 and spikes.stride(2) != 1:
+        spikes = spikes.contiguous()
+    if weight_t.dtype not in (torch.int8, torch.int16) or weight_t.shape != (K, W) or not weight_t.is_contiguous():
+        raise ValueError(f"weight_t must be a contiguous int8 or int16 ({K}, {W}) matrix, got {weight_t.dtype} "
+                         f"{tuple(weight_t.shape)}")
+    if not 0 < K <= ACCUMULATE_MAX_K:
+        raise ValueError(f"a product summed in the scan has 1 to {ACCUMULATE_MAX_K} inputs, got {K}")
+    if table is None and scale is None:
+        raise ValueError("weight_t needs a scale or a table")
+    if table is not None and (table.dtype != mem.dtype or table.shape != (2 * K + 1, W) or not table.is_contiguous()):
+        raise ValueError(f"table must be a contiguous {mem.dtype} ({2 * K + 1}, {W}) tensor")
+    stand_in = torch.zeros((), dtype=mem.dtype).expand(spikes.shape[0], R, W)
+    return spikes, stand_in, K, weight_t.to(torch.int16)
+
+
+def product_table(fn, scale: Tensor, bias: Tensor | None, K: int) -> Tensor:
+    """``fn((s·scale) + bias)`` for every integer s in [-K, K], a (2K + 1, W) table for
+    :func:`scan`'s ``table``: the product is rounded as PyTorch's ``mul`` and ``add_`` round it,
+    and ``fn`` (an elementwise PyTorch function such as GELU) runs on one thread over a whole
+    number of 64-value blocks, so that every entry is computed by its vectorized loop, as it is
+    on a whole-width operand."""
+    W = scale.shape[0]
+    sums = torch.arange(-K, K + 1, dtype=scale.dtype)[:, None]
+    pre = torch.mul(sums, scale)
+    if bias is not None:
+        pre.add_(bias)
+    n = pre.numel()
+    flat = torch.zeros(-(-n // 64) * 64, dtype=scale.dtype)
+    flat[:n] = pre.reshape(-1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        flat = fn(flat)
+    finally:
+        torch.set_num_threads(threads)
+    return flat[:n].reshape(2 * K + 1, W).contiguous()
+
+
 def scan(current: Tensor, mem: Tensor, *, threshold: float = 1.0, leak: float = 1.0,
          out: Tensor | None = None, out_bf16: Tensor | None = None, float_out: bool = True,
          weighted: Tensor | None = None, counts: Tensor | None = None,
          valid: Tensor | None = None, scale: Tensor | None = None,
          bias: Tensor | None = None, in_layout: Layout | None = None,
-         out_layout: Layout | None = None) -> Tensor:
+         out_layout: Layout | None = None, weight_t: Tensor | None = None,
+         table: Tensor | None = None) -> Tensor:
     """Run the neuron over ``current`` (t, R, W) from membrane ``mem`` (R, W), updating ``mem``.
 
     With ``scale`` (W,) and optionally ``bias`` (W,) in ``mem``'s dtype, ``current`` is a product
@@ -584,12 +733,24 @@ def scan(current: Tensor, mem: Tensor, *, threshold: float = 1.0, leak: float = 
     ``in_layout`` / ``out_layout`` (:func:`head_layout`): ``current`` / ``out`` and ``out_bf16``
     are contiguous tensors of another shape (t, B, H, L, dh), say, holding the (t, R, W) operand
     in that layout (``out`` must then be given; ``current`` float, not an accumulator).
+
+    ``weight_t`` (K, W), int8 or int16 in {-1, 0, 1}: ``current`` is a binary/ternary layer's
+    input spikes (t, R, K) in ``mem``'s dtype, and the neuron takes that layer's currents, summed
+    from the firing inputs as :func:`accumulate` sums them and never written to memory: ``(x @
+    weight_t)·scale + bias``, rounded as PyTorch's ``mul`` and ``add_``, or with ``table``
+    (2K + 1, W) in ``mem``'s dtype, ``table[x @ weight_t + K, j]`` at column j (a function of
+    those currents tabulated for every possible integer sum: :func:`product_table`).
     """
     lib = _library()
     if lib is None:
         raise RuntimeError("the compiled scan is unavailable (see native.available())")
     R, W = mem.shape if mem.dim() == 2 else (-1, -1)
     T = current.shape[0]
+    spikes, K = None, 0
+    if weight_t is not None:
+        spikes, current, K, weight_t = _summed_input(current, mem, weight_t, scale, table, in_layout)
+    elif table is not None:
+        raise ValueError("a table goes with weight_t")
     if in_layout is not None:
         _check_layout("current", current, in_layout, T, R, W)
         current = current.view(T, R, W)  # only for the checks below: the kernel uses in_layout
@@ -617,7 +778,8 @@ def scan(current: Tensor, mem: Tensor, *, threshold: float = 1.0, leak: float = 
         raise ValueError("float_out=False writes out_bf16 only: pass out_bf16 and no out")
     if out is None and float_out:
         out = torch.empty((T, R, W), dtype=dtype)
-    for name, t, want in (("current", current, torch.bfloat16 if fused else dtype), ("out", out, dtype),
+    for name, t, want in (("current", None if spikes is not None else current, torch.bfloat16 if fused else dtype),
+                          ("out", out, dtype),
                           ("out_bf16", out_bf16, torch.bfloat16)):
         if t is not None and (t.device.type != "cpu" or t.dtype != want or t.shape != (T, R, W)
                               or (W > 1 and t.stride(2) != 1)):
@@ -640,8 +802,12 @@ def scan(current: Tensor, mem: Tensor, *, threshold: float = 1.0, leak: float = 
     ol = out if out is not None else out_bf16
     li = in_layout or Layout(current.stride(0), R, R * current.stride(1), current.stride(1), None)
     lo = out_layout or Layout(ol.stride(0), R, R * ol.stride(1), ol.stride(1), None)
-    failed = fn(None if fused else current.data_ptr(), current.data_ptr() if fused else None,
-                _ptr(scale), _ptr(bias), li.ts, li.rs, li.lseq, li.bs, _ptr(li.cols),
+    summed = spikes is not None
+    failed = fn(None if fused or summed else current.data_ptr(), current.data_ptr() if fused else None,
+                None if table is not None else _ptr(scale), None if table is not None else _ptr(bias),
+                li.ts, li.rs, li.lseq, li.bs, _ptr(li.cols),
+                _ptr(spikes), spikes.stride(0) if summed else 0, spikes.stride(1) if summed else 0,
+                _ptr(weight_t), K, _ptr(table),
                 _ptr(out), _ptr(out_bf16), lo.ts, lo.rs, lo.lseq, lo.bs, _ptr(lo.cols),
                 mem.data_ptr(), _ptr(weighted), _ptr(valid), _ptr(counts),
                 T, R, W, float(threshold), float(leak), threads)
@@ -709,14 +875,11 @@ def affine(acc: Tensor, scale: Tensor, bias: Tensor | None = None, residual: Ten
     return out
 
 
-ACCUMULATE_MAX_K = 32767
-"""Longest input that :func:`accumulate`'s int16 accumulators sum exactly (|Σ| ≤ K)."""
-
 
 def accumulate(x: Tensor, weight_t: Tensor, out: Tensor | None = None, scale: Tensor | None = None,
                bias: Tensor | None = None, residual: Tensor | None = None) -> Tensor:
     """``x @ weight_t`` for 0/1 spikes ``x`` (..., K) in float32 or float64 and integer weights
-    ``weight_t`` (K, N), int8 in {-1, 0, 1}: the accumulate-only product of a binary/ternary layer,
+    ``weight_t`` (K, N), int8 or int16 in {-1, 0, 1} (int16 saves a conversion per call): the accumulate-only product of a binary/ternary layer,
     event-driven (each row adds the weight rows of its firing inputs; a neuromorphic chip's
     synaptic operations). Integer sums, exact, so the result equals ``x @ weight_t.to(x.dtype)``
     bit for bit; faster than a dense float product where spikes are sparse and on CPUs without
@@ -730,8 +893,10 @@ def accumulate(x: Tensor, weight_t: Tensor, out: Tensor | None = None, scale: Te
     dtype, K = x.dtype, x.shape[-1]
     if dtype not in (torch.float32, torch.float64) or x.device.type != "cpu":
         raise ValueError(f"accumulate runs CPU float32 or float64 spikes, not {x.device.type} {dtype}")
-    if weight_t.dtype != torch.int8 or weight_t.dim() != 2 or weight_t.shape[0] != K or not weight_t.is_contiguous():
-        raise ValueError(f"weight_t must be a contiguous int8 ({K}, N) matrix, got {weight_t.dtype} {tuple(weight_t.shape)}")
+    if weight_t.dtype not in (torch.int8, torch.int16) or weight_t.dim() != 2 or weight_t.shape[0] != K \
+            or not weight_t.is_contiguous():
+        raise ValueError(f"weight_t must be a contiguous int8 or int16 ({K}, N) matrix, got {weight_t.dtype} "
+                         f"{tuple(weight_t.shape)}")
     if not 0 < K <= ACCUMULATE_MAX_K:
         raise ValueError(f"accumulate sums 1 to {ACCUMULATE_MAX_K} inputs exactly, got {K}")
     N = weight_t.shape[1]
@@ -754,8 +919,9 @@ def accumulate(x: Tensor, weight_t: Tensor, out: Tensor | None = None, scale: Te
     if R == 0 or N == 0:
         return out
     threads = max(1, min(torch.get_num_threads(), R, (R * max(K, N)) // MIN_SPLIT))
+    if weight_t.dtype == torch.int8:
+        weight_t = weight_t.to(torch.int16)  # the kernel adds int16 rows (no widening per event)
     fn = lib.accumulate_f32 if dtype == torch.float32 else lib.accumulate_f64
-    if fn(rows.data_ptr(), rows.stride(0), weight_t.data_ptr(), out.data_ptr(), N,
-          _ptr(scale), _ptr(bias), _ptr(res), 0 if res is None else res.stride(0), R, K, N, threads):
-        raise MemoryError("the compiled accumulation could not allocate its input lists")
+    fn(rows.data_ptr(), rows.stride(0), weight_t.data_ptr(), out.data_ptr(), N,
+       _ptr(scale), _ptr(bias), _ptr(res), 0 if res is None else res.stride(0), R, K, N, threads)
     return out

@@ -271,6 +271,24 @@ def test_cuda_fused_recording_is_consistent(make_model):
     assert torch.allclose(r.neuron_asr_trace[site][-1], r.asr[site])
 
 
+def test_torch_backend_products_are_cached_until_a_weight_changes(make_model, batch):
+    """The torch backend keeps its products (and the tabulated GELU) between calls; a weight
+    changed in place is seen by the next simulation, which still equals the reference."""
+    model = make_model("ternary", hidden_size=32, intermediate_size=64)
+    ids, mask = batch
+    opts = EngineOptions(backend="torch")
+    first = simulate_multistep(model, ids, mask, timesteps=6, options=opts)
+    cpu = torch.device("cpu")
+    lin = engine._torch_linears(model, torch.float32, cpu, engine.native.available())
+    assert engine._torch_linears(model, torch.float32, cpu, engine.native.available()) is lin
+    with torch.no_grad():
+        model.layers[0].intermediate.bias.add_(0.5)
+    assert engine._torch_linears(model, torch.float32, cpu, engine.native.available()) is not lin
+    second = simulate_multistep(model, ids, mask, timesteps=6, options=opts)
+    assert not torch.equal(second.logits, first.logits)
+    assert_same(second, simulate(model, ids, mask, timesteps=6, engine="reference"))
+
+
 def test_prepared_weights_are_cached_until_a_weight_changes(make_model):
     model = make_model("ternary", hidden_size=32, intermediate_size=64)
     a = engine.prepared_layers(model, "int8", torch.device("cpu"))

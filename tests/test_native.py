@@ -218,6 +218,92 @@ def test_affine_writes_a_per_head_layout(t, B, L, H, dh):
 
 
 @needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("K, W, density", [
+    (64, 64, 0.3),  # groups of 16 rows, 4 AVX2 registers
+    (70, 40, 0.5),  # 2 registers and 8 columns past them
+    (256, 200, 0.1),  # 8 + 4 registers and 8 columns past them; 4 words of inputs
+    (3, 1200, 0.9),  # a row cut into blocks of columns
+    (130, 17, 1.0),  # every input firing: the sums reach ±K
+])
+def test_scan_sums_a_binary_ternary_product_as_accumulate_then_scan(dtype, K, W, density):
+    """The neuron summing its layer's currents from the input spikes equals the product written
+    out (native.accumulate, itself equal to the dense product) and then scanned: spikes,
+    membranes, statistics, bit for bit; with a table, a function of the currents likewise."""
+    g = torch.Generator().manual_seed(K * W)
+    R = 37
+    x = (torch.rand(T, R, K, generator=g) < density).to(dtype)
+    wt = torch.randint(-1, 2, (K, W), generator=g).to(torch.int8)
+    if density == 1.0:
+        wt[:, 0] = 1  # column 0 sums to K at every step
+    scale = (torch.rand(W, generator=g, dtype=torch.float64) / 5).to(dtype)
+    bias = (torch.randn(W, generator=g, dtype=torch.float64) * 0.3).to(dtype)
+    cur = torch.mul(x @ wt.to(dtype), scale).add_(bias)
+    valid = torch.rand(R, generator=g) < 0.8
+    mem0 = torch.randn(R, W, generator=g, dtype=torch.float64).to(dtype) * 0.3
+
+    def run(current, **kw):
+        mem, w = mem0.clone(), torch.zeros(R, W, dtype=dtype)
+        counts = torch.zeros(T, dtype=torch.int64)
+        out = native.scan(current, mem, threshold=0.8, leak=0.9, weighted=w, counts=counts, valid=valid, **kw)
+        return out, mem, w, counts
+
+    for got, want in zip(run(x, weight_t=wt, scale=scale, bias=bias), run(cur)):
+        assert torch.equal(got, want)
+    assert torch.equal(run(x, weight_t=wt.to(torch.int16), scale=scale)[0],
+                       run(torch.mul(x @ wt.to(dtype), scale))[0])  # no bias
+    table = native.product_table(torch.nn.functional.gelu, scale, bias, K)
+    assert table.shape == (2 * K + 1, W) and table.dtype == dtype
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:  # PyTorch's vectorized GELU (its scalar loop for a tail rounds otherwise): whole vectors only
+        gelu = torch.nn.functional.gelu(cur.reshape(-1)[:cur.numel() // 64 * 64])
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(table[(x @ wt.to(dtype)).reshape(-1)[:gelu.numel()].long() + K,
+                             torch.arange(gelu.numel()) % W], gelu)
+    for got, want in zip(run(x, weight_t=wt, table=table), run(table[(x @ wt.to(dtype)).long() + K, torch.arange(W)])):
+        assert torch.equal(got, want)
+
+
+@needs_native
+def test_scan_summing_a_product_writes_a_per_head_layout():
+    B, L, H, dh, K = 2, 32, 4, 16, 64
+    g = torch.Generator().manual_seed(5)
+    x = (torch.rand(T, B * L, K, generator=g) < 0.3).float()
+    wt = torch.randint(-1, 2, (K, H * dh), generator=g).to(torch.int16)
+    scale, bias = torch.rand(H * dh, generator=g) / 4, torch.randn(H * dh, generator=g) / 3
+    ref = native.scan(torch.mul(x @ wt.float(), scale).add_(bias), torch.zeros(B * L, H * dh))
+    out = torch.empty(T, B, H, dh, L)
+    native.scan(x, torch.zeros(B * L, H * dh), weight_t=wt, scale=scale, bias=bias, out=out,
+                out_layout=native.head_layout(B, L, H, dh, transposed=True))
+    assert torch.equal(out, heads(ref, B, L, H, dh, transposed=True))
+
+
+@needs_native
+@pytest.mark.parametrize("kw, match", [
+    (dict(weight_t=torch.zeros(6, 4)), "contiguous int8 or int16"),
+    (dict(weight_t=torch.zeros(5, 4, dtype=torch.int8)), "contiguous int8 or int16"),
+    (dict(weight_t=torch.zeros(4, 6, dtype=torch.int8).t()), "contiguous int8 or int16"),
+    (dict(weight_t=torch.zeros(6, 4, dtype=torch.int8)), "needs a scale or a table"),
+    (dict(weight_t=torch.zeros(6, 4, dtype=torch.int8), table=torch.zeros(12, 4)), "table must be"),
+    (dict(weight_t=torch.zeros(6, 4, dtype=torch.int8), table=torch.zeros(13, 4, dtype=torch.float64)), "table must be"),
+    (dict(table=torch.zeros(13, 4)), "a table goes with weight_t"),
+    (dict(weight_t=torch.zeros(6, 4, dtype=torch.int8), scale=torch.ones(3)), "scale must be"),
+    (dict(weight_t=torch.zeros(6, 4, dtype=torch.int8), scale=torch.ones(4), current=torch.zeros(2, 3, 6).double()),
+     "input spikes"),
+    (dict(weight_t=torch.zeros(6, 4, dtype=torch.int8), scale=torch.ones(4), current=torch.zeros(2, 5, 6)),
+     "input spikes"),
+    (dict(weight_t=torch.zeros(6, 4, dtype=torch.int8), scale=torch.ones(4),
+          in_layout=native.head_layout(1, 3, 2, 2)), "row-major only"),
+])
+def test_scan_summing_a_product_rejects_bad_arguments(kw, match):
+    current = kw.pop("current", torch.zeros(2, 3, 6))
+    with pytest.raises(ValueError, match=match):
+        native.scan(current, torch.zeros(3, 4), **kw)
+
+
+@needs_native
 def test_scan_refuses_a_bf16_accumulator_without_its_scale():
     with pytest.raises(ValueError, match="scale"):
         native.scan(torch.zeros(2, 3, 4), torch.zeros(3, 4), bias=torch.ones(4))
@@ -311,7 +397,11 @@ def test_engine_with_and_without_the_compiled_scan_equals_the_reference(make_mod
                         raster_sites=("layer.0.value", "layer.1.output"), raster_sequences=(0, 2),
                         raster_tokens=(1, 3), raster_neurons=5)
     opts = EngineOptions(backend="torch", chunk_steps=5)
+    scan, summed = native.scan, []
+    monkeypatch.setattr(native, "scan", lambda *a, **kw: summed.append(kw.get("weight_t") is not None) or scan(*a, **kw))
     compiled = simulate_multistep(model, ids, mask, timesteps=T, record=rec, options=opts)
+    # with the compiled accumulation, K, V and the intermediate neurons sum their own currents
+    assert sum(summed) == (3 * len(model.layers) * -(-T // 5) if product == "accumulate" and mode != "fp" else 0)
     monkeypatch.setattr(engine.native, "available", lambda: False)
     plain = simulate_multistep(model, ids, mask, timesteps=T, record=rec, options=opts)
     ref = simulate(model, ids, mask, timesteps=T, engine="reference", record=rec)
