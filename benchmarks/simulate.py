@@ -138,24 +138,30 @@ def product_time_cpu(fn) -> tuple[float, float]:
     return products / 1e6, total / 1e6
 
 
-def native_scan_time(fn) -> float:
-    """Seconds that one run of ``fn`` spends in the compiled neuron scan (:func:`native.scan`,
-    which the profiler does not see: it is not a PyTorch operator)."""
-    original, spent = native.scan, [0.0]
+def native_times(fn) -> dict[str, float]:
+    """Seconds that one run of ``fn`` spends in each compiled kernel (:func:`native.scan`, with the
+    binary/ternary products that neurons sum themselves; :func:`native.accumulate`;
+    :func:`native.affine`), which the profiler does not see: they are not PyTorch operators."""
+    spent = {name: 0.0 for name in ("scan", "accumulate", "affine")}
+    originals = {name: getattr(native, name) for name in spent}
 
-    def timed_scan(*args, **kwargs):
-        t = time.perf_counter()
-        try:
-            return original(*args, **kwargs)
-        finally:
-            spent[0] += time.perf_counter() - t
+    def timed_kernel(name):
+        def run(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return originals[name](*args, **kwargs)
+            finally:
+                spent[name] += time.perf_counter() - t
+        return run
 
-    native.scan = timed_scan
+    for name in spent:
+        setattr(native, name, timed_kernel(name))
     try:
         fn()
     finally:
-        native.scan = original
-    return spent[0]
+        for name, original in originals.items():
+            setattr(native, name, original)
+    return spent
 
 
 def cpu_matmul_peaks(n: int = 2048) -> dict[str, float | str]:
@@ -309,7 +315,10 @@ def main(argv=None) -> dict:
                 result.setdefault("fast_seq_steps_per_s_by_cpu_product", {})[choice] = f"failed: {exc}"[:200]
     lin, att = flops_per_sequence_step(model, L)
     if a.profile:
-        result["fast_native_scan_s"] = native_scan_time(fast)
+        kernels_s = native_times(fast)
+        result["fast_native_scan_s"] = kernels_s["scan"]
+        result["fast_native_accumulate_s"] = kernels_s["accumulate"]
+        result["fast_native_affine_s"] = kernels_s["affine"]
         products_s, profiled_s = product_time_cpu(fast)
         result["fast_product_s"] = products_s
         result["fast_profiled_s"] = profiled_s

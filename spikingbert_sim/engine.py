@@ -264,7 +264,7 @@ class _ExactLinear:
         the reference adds a residual to one module's output). ``acc``: the product, if the
         caller has it; ``cols``: only these columns of it. ``out``, ``out_layout``: write the
         result there, in that layout (:func:`native.affine`; only where :meth:`fusable` holds)."""
-        if acc is None and self.wt is not None and self.native and x.dtype == self.dtype and out is None \
+        if acc is None and self.wt is not None and self.native and x.dtype in (self.dtype, torch.int64) and out is None \
                 and out_layout is None and cols == slice(None) and (residual is None or residual.dtype == self.dtype):
             # the compiled accumulation applies scale, bias and residual as it writes: one pass
             return native.accumulate(x, self.wt, scale=self.scale_row, bias=self.bias_row, residual=residual)
@@ -363,6 +363,8 @@ class _TorchRun:
         # and bf16 copies of the spikes for the exact products that read them.
         self.native = dev.type == "cpu" and dt in (torch.float32, torch.float64) and native.available()
         self.linears = _torch_linears(model, dt, dev, self.native)
+        # binary/ternary weights with the compiled accumulation: the exact products read spikes as bits
+        self.packs = self.native and all(lin["summed"] is not None for lin in self.linears)
         self.bf16 = self.native and model.config.weight_mode != "fp" and kernels.cpu_spike_product() == "bf16"
         B, L, _ = embedded.shape
         self.B, self.L, self.R = B, L, B * L
@@ -381,10 +383,10 @@ class _TorchRun:
                           for s in model.site_names()}
         self.done = 0
 
-    def scan(self, sites: tuple[str, ...], current: Tensor, bf16: bool = False,
+    def scan(self, sites: tuple[str, ...], current: Tensor, operand: bool = False,
              affine: tuple[Tensor, Tensor | None] | None = None, in_layout: native.Layout | None = None,
              head_outs: tuple[tuple[Tensor, native.Layout, Callable[[], Tensor]], ...] | None = None,
-             summed: tuple | None = None):
+             summed: tuple | None = None, floats: bool = True):
         """Scan ``current`` (t, B, L, ΣW) for one or more sites laid side by side.
 
         ``summed`` (one site; compiled scan only): ``current`` is a binary/ternary layer's input
@@ -398,12 +400,20 @@ class _TorchRun:
         (t, B, L, W) for the recorder (called only when a record needs them). Returns None for
         the spikes with ``head_outs``.
 
-        ``bf16``: the spikes feed an exact product (and residual sums) only; where the compiled
-        scan runs and the weights are binary/ternary they are then written as bf16 alone (0 and 1
-        are exact in bf16, and a float tensor plus bf16 spikes rounds as plus float spikes).
-        Returns the spikes, or (spikes, their bf16 form or None) when ``bf16`` is asked for."""
+        ``operand``: the spikes feed exact binary/ternary products (and residual sums); with the
+        compiled scan they are then also written in the form those products read: bf16 where the
+        products run in bf16, written alone (0 and 1 are exact in bf16, and a float tensor plus bf16
+        spikes rounds as plus float spikes), or bits (int64 (t, B, L, ``native.words(W)``)) for the
+        compiled accumulation and the neurons that sum their own currents. ``floats=False``: with
+        bits, the float spikes are not needed (only products read the spikes) and are written only
+        where the recorder reads them; the bits then stand for the spikes too.
+        Returns the spikes, or (spikes, their operand form or None) when ``operand`` is asked for."""
+        packed = None
         if self.native:
-            spikes, low = self._scan_native(sites, current, bf16 and self.bf16, affine, in_layout, head_outs, summed)
+            bits = operand and self.packs
+            floats = floats or not bits or self._recorded(sites[0])
+            spikes, low, packed = self._scan_native(sites, current, operand and self.bf16, affine, in_layout,
+                                                    head_outs, summed, bits, floats)
         else:
             key = "+".join(sites)
             spikes, self.mems[key] = kernels.scan_torch(current, self.threshold, self.leak, self.mems.get(key))
@@ -415,7 +425,7 @@ class _TorchRun:
             w = self.model.site_width(s)
             counted = self.native and self.state[s].counts is not None
             readout = s == self.model.output_site and rec.track_readout
-            if not counted or hook is not None or readout or s in rec.options.raster_sites:
+            if self._recorded(s):
                 if head_outs is not None:
                     part = head_outs[n][2]()
                 else:
@@ -429,11 +439,23 @@ class _TorchRun:
                 if hook is not None:
                     hook(s, self.t0, part.to(self.dtype))
             c0 += w
-        return (spikes, low) if bf16 else spikes
+        if packed is not None:
+            low = packed
+            if spikes is None:
+                spikes = packed
+        return (spikes, low) if operand else spikes
+
+    def _recorded(self, site: str) -> bool:
+        """Whether the recorder reads this site's spikes (statistics not counted in the compiled
+        scan, a spike hook, rasters or the readout), not only the scan's counts."""
+        rec = self.recorder
+        return not (self.native and self.state[site].counts is not None) or getattr(rec, "on_spikes", None) is not None \
+            or (site == self.model.output_site and rec.track_readout) or site in rec.options.raster_sites
 
     def _scan_native(self, sites: tuple[str, ...], current: Tensor, bf16: bool,
                      affine: tuple[Tensor, Tensor | None] | None, in_layout: native.Layout | None,
-                     head_outs, summed=None) -> tuple[Tensor | None, Tensor | None]:
+                     head_outs, summed=None, bits: bool = False,
+                     floats: bool = True) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         t = current.shape[0]
         width = sum(self.model.site_width(s) for s in sites)
         if summed is not None:
@@ -448,9 +470,11 @@ class _TorchRun:
         else:
             cur = current[:1].reshape(1, self.R, width).expand(t, -1, -1)
         shape = (t, self.R, width)
-        # bf16 alone where only products and residual sums read the spikes
-        out = None if bf16 or head_outs is not None else torch.empty(shape, dtype=self.dtype)
+        # bf16 alone where only products and residual sums read the spikes; bits alone where
+        # only a compiled accumulation reads them
+        out = None if bf16 or head_outs is not None or not floats else torch.empty(shape, dtype=self.dtype)
         low = torch.empty(shape, dtype=torch.bfloat16) if bf16 else None
+        packed = torch.empty(t, self.R, native.words(width), dtype=torch.int64) if bits else None
         c0 = 0
         for n, s in enumerate(sites):
             w = self.model.site_width(s)
@@ -458,7 +482,7 @@ class _TorchRun:
             cols = slice(c0, c0 + w)
             target = dict(out=head_outs[n][0], out_layout=head_outs[n][1]) if head_outs is not None else \
                 dict(out=None if out is None else out[..., cols], out_bf16=None if low is None else low[..., cols],
-                     float_out=out is not None)
+                     float_out=out is not None, out_bits=packed)
             native.scan(cur if in_layout is not None or summed else cur[..., cols], st.mem, threshold=self.threshold,
                         leak=self.leak, weighted=st.weighted, valid=self.valid, in_layout=in_layout,
                         counts=None if st.counts is None else st.counts[self.t0:self.t0 + t],
@@ -467,11 +491,12 @@ class _TorchRun:
                         **(summed or {}))
             c0 += w
         if head_outs is not None:
-            return None, None
+            return None, None, None
         view = (t, self.B, self.L, -1)
+        packed = None if packed is None else packed.view(view)
         if low is None:
-            return out.view(view), None
-        return low.view(view), low.view(view)
+            return None if out is None else out.view(view), None, packed
+        return low.view(view), low.view(view), None
 
     def layer(self, layer: SpikingEncoderLayer, lin: dict, x: Tensor, x16: Tensor | None) -> tuple[Tensor, Tensor | None]:
         D = self.model.config.hidden_size
@@ -485,16 +510,17 @@ class _TorchRun:
             kv_cur, (q,) = kvq.fused_pair(x, 0, low=x16, acc=acc)
             kv = self.scan(kv_sites, kv_cur)
             k, v = kv[..., :D], kv[..., D:]
-            a, a16 = self.scan((layer.site("attention"),), layer.attend(q, k, v, mask), bf16=True)
+            a, a16 = self.scan((layer.site("attention"),), layer.attend(q, k, v, mask), operand=True)
         (o,) = lin["o"](a, low=a16, residual=x)
-        so, so16 = self.scan((layer.site("attention_output"),), layer.attention_norm(o), bf16=True)
-        if summed is not None:  # the neurons sum their currents and take their GELU from a table
-            h, h16 = self.scan((layer.site("intermediate"),), so, bf16=True, summed=summed[3])
+        so, so16 = self.scan((layer.site("attention_output"),), layer.attention_norm(o), operand=True)
+        if summed is not None:  # the neurons sum their currents (from so's bits) and take their GELU from a table
+            h, h16 = self.scan((layer.site("intermediate"),), so if so16 is None else so16, operand=True,
+                               summed=summed[3], floats=False)
         else:
             (i,) = lin["i"](so, low=so16)
-            h, h16 = self.scan((layer.site("intermediate"),), _gelu_(i), bf16=True)
+            h, h16 = self.scan((layer.site("intermediate"),), _gelu_(i), operand=True)
         (o2,) = lin["out"](h, low=h16, residual=so)
-        return self.scan((layer.site("output"),), layer.output_norm(o2), bf16=True)
+        return self.scan((layer.site("output"),), layer.output_norm(o2), operand=True)
 
     def _attention_per_head(self, layer: SpikingEncoderLayer, kvq: _ExactLinear, x: Tensor, x16: Tensor | None,
                             acc: Tensor | None, kv_sites: tuple[str, str], mask: Tensor | None, summed=None):
@@ -510,10 +536,11 @@ class _TorchRun:
         outs = ((k_t, self.lay_kt, lambda: k_t.permute(0, 1, 4, 2, 3).reshape(t, B, L, D)),
                 (v, self.lay_heads, lambda: v.permute(0, 1, 3, 2, 4).reshape(t, B, L, D)))
         if summed is not None:
+            spikes = x if x16 is None else x16  # x's bits where the scan wrote them
             for site, out, part in zip(kv_sites, outs, summed):
-                self.scan((site,), x, summed=part, head_outs=(out,))
+                self.scan((site,), spikes, summed=part, head_outs=(out,))
             weight_t, scale, bias, _ = summed[2]
-            q = native.accumulate(x, weight_t, scale=scale, bias=bias)
+            q = native.accumulate(spikes, weight_t, scale=scale, bias=bias)
             q = layer._heads(q).contiguous()
         elif kvq.fusable(acc):
             # K and V: the neurons take scale and bias on the fly (no current tensor); Q: one pass
@@ -525,12 +552,12 @@ class _TorchRun:
             self.scan(kv_sites, kv_cur, head_outs=outs)
             q = layer._heads(q).contiguous()  # the copy the product would make
         ctx = layer.attend_heads(q, k_t, v, mask)  # (t, B, H, L, dh), contiguous
-        return self.scan((layer.site("attention"),), ctx, bf16=True, in_layout=self.lay_heads)
+        return self.scan((layer.site("attention"),), ctx, operand=True, in_layout=self.lay_heads, floats=False)
 
     def run(self, chunks: list[tuple[int, int]]) -> None:
         for t0, t1 in chunks:
             self.t0 = t0
-            x, x16 = self.scan((INPUT_SITE,), self.embedded.expand(t1 - t0, *self.embedded.shape), bf16=True)
+            x, x16 = self.scan((INPUT_SITE,), self.embedded.expand(t1 - t0, *self.embedded.shape), operand=True)
             for layer, lin in zip(self.model.layers, self.linears):
                 x, x16 = self.layer(layer, lin, x, x16)
             self.done = t1

@@ -91,7 +91,9 @@ _HEADER = r"""
 #endif
 
 #define BLOCK %(block)d
-#define WORDS %(words)d  /* 64-bit words of input bits: K ≤ 64·WORDS */
+#define SUM_STEPS 8  /* a summing scan sums the currents of up to SUM_STEPS steps together */
+#define SUM_ROWS 256  /* ... and of up to SUM_ROWS (step, row) pairs */
+#define ACC_ROWS 16  /* accumulate() sums ACC_ROWS rows a tile of weights at a time */
 #if defined(__GNUC__) && !defined(__clang__)
 #define SCALAR_LOOP __attribute__((optimize("no-tree-vectorize")))
 #else
@@ -170,10 +172,12 @@ static inline void %(name)s_words(const REAL *restrict x, int64_t K, uint64_t *r
         words[k0 / 64] = %(name)s_mask(x + k0, K - k0 < 64 ? K - k0 : 64);
 }
 
-/* acc[j] = Σ over the set bits k of words[0..nw) of w[k·N + j], for j < nb, int16 (exact: |Σ| ≤
-   K ≤ 32767). Where AVX2 is built in, 16 columns a register and up to 8 registers held over all
-   the firing inputs (each: one load and one add per register); the columns past the last whole
-   register, or every column without AVX2, through an array. */
+/* acc[r·stride + j] = Σ over the set bits k of rows[r][0..nw) of w[k·N + j], for r < nr and j < nb,
+   int16 (exact: |Σ| ≤ K ≤ 32767). Where AVX2 is built in, 16 columns a register and up to 8
+   registers held over all of a row's firing inputs (each: one load and one add per register), a
+   tile of such columns at a time for all the rows, so that the tile's weights come from the cache
+   once for them all; the columns past the last whole register, or every column without AVX2,
+   through an array. */
 #if defined(__AVX2__)
 static inline __attribute__((always_inline)) void %(name)s_tile(const int16_t *restrict w, int64_t N,
         const uint64_t *restrict words, int64_t nw, int16_t *restrict acc, const int nv)
@@ -189,34 +193,40 @@ static inline __attribute__((always_inline)) void %(name)s_tile(const int16_t *r
 }
 #endif
 
-static void %(name)s_sum(const int16_t *restrict w, int64_t N, const uint64_t *restrict words, int64_t nw,
-                         int16_t *restrict acc, int64_t nb)
+static void %(name)s_sum(const int16_t *restrict w, int64_t N, const uint64_t *const *rows, int64_t nr,
+                         int64_t nw, int16_t *restrict acc, int64_t stride, int64_t nb)
 {
     int64_t j0 = 0;
 #if defined(__AVX2__)
     while (nb - j0 >= 16) {
         const int64_t left = (nb - j0) / 16;
         const int nv = left < 8 ? (int)left : 8;
-        switch (nv) {  /* a constant register count each: the registers stay registers */
-            case 8: %(name)s_tile(w + j0, N, words, nw, acc + j0, 8); break;
-            case 7: %(name)s_tile(w + j0, N, words, nw, acc + j0, 7); break;
-            case 6: %(name)s_tile(w + j0, N, words, nw, acc + j0, 6); break;
-            case 5: %(name)s_tile(w + j0, N, words, nw, acc + j0, 5); break;
-            case 4: %(name)s_tile(w + j0, N, words, nw, acc + j0, 4); break;
-            case 3: %(name)s_tile(w + j0, N, words, nw, acc + j0, 3); break;
-            case 2: %(name)s_tile(w + j0, N, words, nw, acc + j0, 2); break;
-            default: %(name)s_tile(w + j0, N, words, nw, acc + j0, 1); break;
+        for (int64_t r = 0; r < nr; ++r) {
+            int16_t *restrict ar = acc + r * stride + j0;
+            switch (nv) {  /* a constant register count each: the registers stay registers */
+                case 8: %(name)s_tile(w + j0, N, rows[r], nw, ar, 8); break;
+                case 7: %(name)s_tile(w + j0, N, rows[r], nw, ar, 7); break;
+                case 6: %(name)s_tile(w + j0, N, rows[r], nw, ar, 6); break;
+                case 5: %(name)s_tile(w + j0, N, rows[r], nw, ar, 5); break;
+                case 4: %(name)s_tile(w + j0, N, rows[r], nw, ar, 4); break;
+                case 3: %(name)s_tile(w + j0, N, rows[r], nw, ar, 3); break;
+                case 2: %(name)s_tile(w + j0, N, rows[r], nw, ar, 2); break;
+                default: %(name)s_tile(w + j0, N, rows[r], nw, ar, 1); break;
+            }
         }
         j0 += 16 * (int64_t)nv;
     }
 #endif
     if (j0 == nb) return;
-    for (int64_t j = j0; j < nb; ++j) acc[j] = 0;
-    for (int64_t q = 0; q < nw; ++q)
-        for (uint64_t m = words[q]; m; m &= m - 1) {
-            const int16_t *restrict w0 = w + (q * 64 + __builtin_ctzll(m)) * N;
-            for (int64_t j = j0; j < nb; ++j) acc[j] = (int16_t)(acc[j] + w0[j]);
-        }
+    for (int64_t r = 0; r < nr; ++r) {
+        int16_t *restrict ar = acc + r * stride;
+        for (int64_t j = j0; j < nb; ++j) ar[j] = 0;
+        for (int64_t q = 0; q < nw; ++q)
+            for (uint64_t m = rows[r][q]; m; m &= m - 1) {
+                const int16_t *restrict w0 = w + (q * 64 + __builtin_ctzll(m)) * N;
+                for (int64_t j = j0; j < nb; ++j) ar[j] = (int16_t)(ar[j] + w0[j]);
+            }
+    }
 }
 
 /* xi[j] = lt[a[j]·wN + j]: f((sum·scale) + bias) tabulated per column for every possible sum
@@ -227,14 +237,22 @@ SCALAR_LOOP static void %(name)s_lookup(REAL *restrict xi, const REAL *restrict 
     for (int64_t j = 0; j < n; ++j) xi[j] = lt[(int64_t)a[j] * wN + j];
 }
 
+/* Bytes of a summing scan's work buffer: currents and sums of SUM_STEPS·BLOCK neurons, and the
+   input bits of up to BLOCK rows. */
+static size_t %(name)s_work(int64_t K)
+{
+    return (size_t)SUM_STEPS * BLOCK * (sizeof(REAL) + sizeof(int16_t)) + (size_t)BLOCK * ((K + 63) / 64) * 8;
+}
+
 /* Rows r0..r1-1 (g = r1 - r0 rows, g·n ≤ BLOCK neurons of columns j0..j0+n-1 each), all T steps:
    their membranes stay in a local array; each step's currents are read (or gathered) into, and its
    spikes written (or scattered) from, runs of g·n values. */
 static void %(name)s_rows(const REAL *cur, const uint16_t *cur16, const REAL *scale,
                           const REAL *bias, const %(name)s_layout *in,
-                          const REAL *spk, int64_t spk_ts, int64_t spk_rs, const int16_t *wt,
-                          int64_t K, int64_t wN, const REAL *lut,
+                          const REAL *spk, const uint64_t *spk_bits, int64_t spk_ts, int64_t spk_rs,
+                          const int16_t *wt, int64_t K, int64_t wN, const REAL *lut, void *work,
                           REAL *out, uint16_t *out_bf16, const %(name)s_layout *ol,
+                          uint64_t *out_bits, int64_t bits_ts, int64_t bits_rs,
                           REAL *mem, REAL *wsum, const uint8_t *valid, int64_t *counts,
                           int64_t T, int64_t r0, int64_t r1, int64_t j0, int64_t n, int64_t W,
                           const REAL th, const REAL leak)
@@ -260,22 +278,41 @@ static void %(name)s_rows(const REAL *cur, const uint16_t *cur16, const REAL *sc
         orow[i] = %(name)s_row(ol, r0 + i);
         trans_out = trans_out && orow[i] == orow[0] + i;
     }
+    /* a summed product: the currents of tb steps at a time (tb·g ≤ max(g, SUM_ROWS) rows), so that
+       each tile of weights is read once for all of them (work: %(name)s_work) */
+    const int64_t nw = (K + 63) / 64;
+    int64_t tb = g < SUM_ROWS ? SUM_ROWS / g : 1;
+    if (tb > SUM_STEPS) tb = SUM_STEPS;
+    REAL *xs = (REAL *)work;
+    int16_t *as = (int16_t *)(xs + SUM_STEPS * BLOCK);
+    uint64_t *ws = (uint64_t *)(as + SUM_STEPS * BLOCK);
+    const uint64_t *rp[BLOCK];
     for (int64_t t = 0; t < T; ++t) {
         const REAL *restrict c = x;
         if (wt) {  /* a binary/ternary product's currents, summed here from its input spikes */
-            for (int64_t i = 0; i < g; ++i) {
-                uint64_t words[WORDS];
-                %(name)s_words(spk + t * spk_ts + (r0 + i) * spk_rs, K, words);
-                int16_t a[BLOCK];
-                %(name)s_sum(wt + j0, wN, words, (K + 63) / 64, a, n);
-                REAL *restrict xi = x + i * n;
-                if (lut) %(name)s_lookup(xi, lut + K * wN + j0, a, wN, n);
-                else {
-                    const REAL *restrict sc = scale + j0;
-                    for (int64_t j = 0; j < n; ++j) xi[j] = (REAL)a[j] * sc[j];
-                    if (bias) for (int64_t j = 0; j < n; ++j) xi[j] = xi[j] + bias[j0 + j];
+            if (t %% tb == 0) {
+                const int64_t steps = T - t < tb ? T - t : tb, nr = steps * g;
+                for (int64_t q = 0; q < nr; ++q) {
+                    const int64_t row = (t + q / g) * spk_ts + (r0 + q %% g) * spk_rs;
+                    if (spk_bits) rp[q] = spk_bits + row;  /* spikes given as bits */
+                    else {
+                        %(name)s_words(spk + row, K, ws + q * nw);
+                        rp[q] = ws + q * nw;
+                    }
+                }
+                %(name)s_sum(wt + j0, wN, rp, nr, nw, as, n, n);
+                for (int64_t q = 0; q < nr; ++q) {
+                    REAL *restrict xq = xs + q * n;
+                    const int16_t *restrict aq = as + q * n;
+                    if (lut) %(name)s_lookup(xq, lut + K * wN + j0, aq, wN, n);
+                    else {
+                        const REAL *restrict sc = scale + j0;
+                        for (int64_t j = 0; j < n; ++j) xq[j] = (REAL)aq[j] * sc[j];
+                        if (bias) for (int64_t j = 0; j < n; ++j) xq[j] = xq[j] + bias[j0 + j];
+                    }
                 }
             }
+            c = xs + (t %% tb) * len;
         } else if (scale) { /* (acc * scale) + bias, each rounded, as the unfused operations */
             const REAL *restrict sc = scale + j0, *restrict bi = bias ? bias + j0 : 0;
             for (int64_t i = 0; i < g; ++i) {
@@ -317,6 +354,11 @@ static void %(name)s_rows(const REAL *cur, const uint16_t *cur16, const REAL *sc
         else if (leaky) FIRE(w[k] = w[k] * leak + s)
         else FIRE(w[k] = w[k] + s)
 #undef FIRE
+        if (out_bits)  /* each row's spikes as bits, 64 to a word (a block of columns starts a word) */
+            for (int64_t i = 0; i < g; ++i) {
+                uint64_t *restrict ob = out_bits + t * bits_ts + (r0 + i) * bits_rs + j0 / 64;
+                for (int64_t q = 0; q < n; q += 64) ob[q / 64] = %(name)s_mask(sp + i * n + q, n - q < 64 ? n - q : 64);
+            }
         if (trans_out) {  /* a column's g rows are side by side (Kᵀ): write them together */
             const int64_t off = t * ol->ts + orow[0];
             const int64_t *restrict cc = ol->cols + j0;
@@ -375,8 +417,9 @@ static void %(name)s_rows(const REAL *cur, const uint16_t *cur16, const REAL *sc
 
 int %(name)s(const REAL *cur, const uint16_t *cur16, const REAL *scale, const REAL *bias,
              int64_t cur_ts, int64_t cur_rs, int64_t cur_lseq, int64_t cur_bs, const int64_t *cur_cols,
-             const REAL *spk, int64_t spk_ts, int64_t spk_rs, const int16_t *wt, int64_t K, const REAL *lut,
-             REAL *out, uint16_t *out_bf16,
+             const REAL *spk, const uint64_t *spk_bits, int64_t spk_ts, int64_t spk_rs,
+             const int16_t *wt, int64_t K, const REAL *lut,
+             REAL *out, uint16_t *out_bf16, uint64_t *out_bits, int64_t bits_ts, int64_t bits_rs,
              int64_t out_ts, int64_t out_rs, int64_t out_lseq, int64_t out_bs, const int64_t *out_cols,
              REAL *mem, REAL *wsum, const uint8_t *valid, int64_t *counts,
              int64_t T, int64_t R, int64_t W, double threshold, double leak, int threads)
@@ -400,12 +443,21 @@ int %(name)s(const REAL *cur, const uint16_t *cur16, const REAL *scale, const RE
                 failed = 1;
             }
         }
+        void *work = 0;
+        if (wt) {
+            work = malloc(%(name)s_work(K));
+            if (!work) {
+                #pragma omp atomic write
+                failed = 1;
+            }
+        }
         #pragma omp for schedule(static)
         for (int64_t item = 0; item < groups * colblocks; ++item) {
-            if (counts && !local) continue;
+            if ((counts && !local) || (wt && !work)) continue;
             const int64_t r0 = (item / colblocks) * g, j0 = (item %% colblocks) * n;
             const int64_t r1 = r0 + g < R ? r0 + g : R;
-            %(name)s_rows(cur, cur16, scale, bias, &in, spk, spk_ts, spk_rs, wt, K, W, lut, out, out_bf16, &ol,
+            %(name)s_rows(cur, cur16, scale, bias, &in, spk, spk_bits, spk_ts, spk_rs, wt, K, W, lut, work,
+                          out, out_bf16, &ol, out_bits, bits_ts, bits_rs,
                           mem, wsum, valid, local, T, r0, r1, j0, W - j0 < n ? W - j0 : n, W,
                           (REAL)threshold, (REAL)leak);
         }
@@ -414,6 +466,7 @@ int %(name)s(const REAL *cur, const uint16_t *cur16, const REAL *scale, const RE
             for (int64_t t = 0; t < T; ++t) counts[t] += local[t];
             free(local);
         }
+        free(work);
     }
     return failed;
 }
@@ -463,36 +516,59 @@ void %(affine)s(const uint16_t *acc, const REAL *accf, int64_t acc_rs, const REA
    inputs, and their weight rows added into int16 accumulators (|sum| ≤ K ≤ 32767: exact), NB
    columns at a time. The sums are written as REAL (exact integers), or, with a scale, as
    ((sum·scale) + bias) + residual, each operation rounded to REAL as PyTorch's mul, add_ and add_
-   would (the affine pass above, fused). A spike x that is neither 0 nor 1 counts as 1. */
+   would (the affine pass above, fused). A spike x that is neither 0 nor 1 counts as 1. With xb,
+   the spikes are given as bits instead (row r: x_rs words from xb + r·x_rs, as scan writes them). */
 #define NB 512
-void %(accumulate)s(const REAL *x, int64_t x_rs, const int16_t *wt, REAL *out, int64_t out_rs,
-                    const REAL *scale, const REAL *bias, const REAL *res, int64_t res_rs,
-                    int64_t R, int64_t K, int64_t N, int threads)
+int %(accumulate)s(const REAL *x, const uint64_t *xb, int64_t x_rs, const int16_t *wt, REAL *out, int64_t out_rs,
+                   const REAL *scale, const REAL *bias, const REAL *res, int64_t res_rs,
+                   int64_t R, int64_t K, int64_t N, int threads)
 {
-    #pragma omp parallel for num_threads(threads) if(threads > 1) schedule(static)
-    for (int64_t r = 0; r < R; ++r) {
-        REAL *restrict o = out + r * out_rs;
-        const REAL *restrict rr = res ? res + r * res_rs : 0;
-        uint64_t words[WORDS];
-        %(name)s_words(x + r * x_rs, K, words);
-        for (int64_t n0 = 0; n0 < N; n0 += NB) {
-            const int64_t nb = N - n0 < NB ? N - n0 : NB;
-            int16_t acc[NB];
-            %(name)s_sum(wt + n0, N, words, (K + 63) / 64, acc, nb);
-            REAL *restrict d = o + n0;
-            if (scale) {
-                const REAL *restrict sc = scale + n0;
-                for (int64_t j = 0; j < nb; ++j) d[j] = (REAL)acc[j] * sc[j];
-            } else for (int64_t j = 0; j < nb; ++j) d[j] = (REAL)acc[j];
-            /* a bias or residual comes with a scale (accumulate() checks) */
-            %(name)s_bias_residual(d, bias ? bias + n0 : 0, 0, rr ? rr + n0 : 0, nb);
+    const int64_t nw = (K + 63) / 64, blocks = (R + ACC_ROWS - 1) / ACC_ROWS;
+    int failed = 0;
+    #pragma omp parallel num_threads(threads) if(threads > 1)
+    {
+        /* per thread: the sums of ACC_ROWS rows and (float spikes) their input bits */
+        int16_t *acc = (int16_t *)malloc(sizeof(int16_t) * ACC_ROWS * NB + (xb ? 0 : 8 * ACC_ROWS * nw));
+        uint64_t *ws = acc ? (uint64_t *)(acc + ACC_ROWS * NB) : 0;
+        if (!acc) {
+            #pragma omp atomic write
+            failed = 1;
         }
+        #pragma omp for schedule(static)
+        for (int64_t blk = 0; blk < blocks; ++blk) {
+            if (!acc) continue;
+            const int64_t b0 = blk * ACC_ROWS, nr = R - b0 < ACC_ROWS ? R - b0 : ACC_ROWS;
+            const uint64_t *rp[ACC_ROWS];
+            for (int64_t q = 0; q < nr; ++q) {
+                if (xb) rp[q] = xb + (b0 + q) * x_rs;
+                else {
+                    %(name)s_words(x + (b0 + q) * x_rs, K, ws + q * nw);
+                    rp[q] = ws + q * nw;
+                }
+            }
+            for (int64_t n0 = 0; n0 < N; n0 += NB) {
+                const int64_t nb = N - n0 < NB ? N - n0 : NB;
+                %(name)s_sum(wt + n0, N, rp, nr, nw, acc, NB, nb);
+                for (int64_t q = 0; q < nr; ++q) {
+                    const int16_t *restrict aq = acc + q * NB;
+                    REAL *restrict d = out + (b0 + q) * out_rs + n0;
+                    if (scale) {
+                        const REAL *restrict sc = scale + n0;
+                        for (int64_t j = 0; j < nb; ++j) d[j] = (REAL)aq[j] * sc[j];
+                    } else for (int64_t j = 0; j < nb; ++j) d[j] = (REAL)aq[j];
+                    /* a bias or residual comes with a scale (accumulate() checks) */
+                    %(name)s_bias_residual(d, bias ? bias + n0 : 0, 0, res ? res + (b0 + q) * res_rs + n0 : 0, nb);
+                }
+            }
+        }
+        free(acc);
     }
+    return failed;
 }
 #undef NB
 """
 
-_SOURCE = _HEADER % {"block": BLOCK, "words": (ACCUMULATE_MAX_K + 63) // 64} + "".join(
+_SOURCE = _HEADER % {"block": BLOCK} + "".join(
     "\n#define REAL %s\n#define REAL_IS_DOUBLE %d\n" % (real, real == "double")
     + _PER_TYPE % {"name": "scan_" + tag, "affine": "affine_" + tag, "accumulate": "accumulate_" + tag}
     + "#undef REAL\n#undef REAL_IS_DOUBLE\n"
@@ -565,8 +641,8 @@ def _library():
                 continue
             i64, ptr = ctypes.c_int64, ctypes.c_void_p
             args = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, ptr,  # current, its layout
-                    ptr, i64, i64, ptr, i64, ptr,  # or input spikes, weights, table
-                    ptr, ptr, i64, i64, i64, i64, ptr,  # out, out_bf16, their layout
+                    ptr, ptr, i64, i64, ptr, i64, ptr,  # or input spikes (or bits), weights, table
+                    ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, ptr,  # out, out_bf16, out_bits, layouts
                     ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_double, ctypes.c_double, ctypes.c_int]
             for fn in (lib.scan_f32, lib.scan_f64):
                 fn.argtypes, fn.restype = args, ctypes.c_int
@@ -574,8 +650,8 @@ def _library():
                 fn.argtypes = [ptr, ptr, i64, ptr, ptr, ptr, ptr, i64, ptr, i64, i64, i64, ptr, i64, i64, ctypes.c_int]
                 fn.restype = None
             for fn in (lib.accumulate_f32, lib.accumulate_f64):
-                fn.argtypes = [ptr, i64, ptr, ptr, i64, ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_int]
-                fn.restype = None
+                fn.argtypes = [ptr, ptr, i64, ptr, ptr, i64, ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_int]
+                fn.restype = ctypes.c_int
             return lib
     warnings.warn("spikingbert_sim: the compiled CPU scan is unavailable, using PyTorch's "
                   f"(slower; {errors[-1] if errors else 'unknown error'})", RuntimeWarning, stacklevel=3)
@@ -657,6 +733,11 @@ def _check_layout(name: str, t: Tensor, layout: Layout, T: int | None, R: int, W
             raise ValueError(f"{name}'s layout addresses elements outside it")
 
 
+def words(width: int) -> int:
+    """64-bit words that hold ``width`` spikes as bits (:func:`scan`'s ``out_bits``)."""
+    return -(-width // 64)
+
+
 def _summed_input(spikes: Tensor, mem: Tensor, weight_t: Tensor, scale: Tensor | None, table: Tensor | None,
                   in_layout: Layout | None) -> tuple[Tensor, Tensor, int, Tensor]:
     """:func:`scan`'s checks of a binary/ternary product summed inside the scan; returns the
@@ -665,11 +746,15 @@ def _summed_input(spikes: Tensor, mem: Tensor, weight_t: Tensor, scale: Tensor |
     R, W = mem.shape if mem.dim() == 2 else (-1, -1)
     if in_layout is not None:
         raise ValueError("input spikes are read row-major only (no in_layout)")
-    if spikes.dim() != 3 or spikes.shape[1] != R or spikes.dtype != mem.dtype or spikes.device.type != "cpu":
-        raise ValueError(f"with weight_t, current must be CPU {mem.dtype} input spikes (t, {R}, K), "
-                         f"got {spikes.dtype} {tuple(spikes.shape)}")
-    K = spikes.shape[2]
-    if K > 1 and spikes.stride(2) != 1:
+    bits = spikes.dtype == torch.int64
+    if spikes.dim() != 3 or spikes.shape[1] != R or spikes.dtype not in (mem.dtype, torch.int64) \
+            or spikes.device.type != "cpu":
+        raise ValueError(f"with weight_t, current must be CPU {mem.dtype} input spikes (t, {R}, K) or their "
+                         f"bits (int64 words), got {spikes.dtype} {tuple(spikes.shape)}")
+    K = weight_t.shape[0] if bits and weight_t.dim() == 2 else spikes.shape[2]
+    if bits and spikes.shape[2] != words(K):
+        raise ValueError(f"{K} input spikes as bits take {words(K)} words a row, got {spikes.shape[2]}")
+    if spikes.shape[2] > 1 and spikes.stride(2) != 1:
         spikes = spikes.contiguous()
     if weight_t.dtype not in (torch.int8, torch.int16) or weight_t.shape != (K, W) or not weight_t.is_contiguous():
         raise ValueError(f"weight_t must be a contiguous int8 or int16 ({K}, {W}) matrix, got {weight_t.dtype} "
@@ -713,7 +798,7 @@ def scan(current: Tensor, mem: Tensor, *, threshold: float = 1.0, leak: float = 
          valid: Tensor | None = None, scale: Tensor | None = None,
          bias: Tensor | None = None, in_layout: Layout | None = None,
          out_layout: Layout | None = None, weight_t: Tensor | None = None,
-         table: Tensor | None = None) -> Tensor:
+         table: Tensor | None = None, out_bits: Tensor | None = None) -> Tensor:
     """Run the neuron over ``current`` (t, R, W) from membrane ``mem`` (R, W), updating ``mem``.
 
     With ``scale`` (W,) and optionally ``bias`` (W,) in ``mem``'s dtype, ``current`` is a product
@@ -739,7 +824,13 @@ def scan(current: Tensor, mem: Tensor, *, threshold: float = 1.0, leak: float = 
     from the firing inputs as :func:`accumulate` sums them and never written to memory: ``(x @
     weight_t)·scale + bias``, rounded as PyTorch's ``mul`` and ``add_``, or with ``table``
     (2K + 1, W) in ``mem``'s dtype, ``table[x @ weight_t + K, j]`` at column j (a function of
-    those currents tabulated for every possible integer sum: :func:`product_table`).
+    those currents tabulated for every possible integer sum: :func:`product_table`). The input
+    spikes may be given as bits: an int64 (t, R, ``words(K)``) tensor as ``out_bits`` writes.
+
+    ``out_bits`` (t, R, ``words(W)``) int64, last axis contiguous: the spikes are also written as
+    bits, row by row (bit j %% 64 of word j // 64 is column j), the operand of a later
+    :func:`accumulate` or summed scan at 1/32 of float32's bytes; with ``float_out=False`` and no
+    ``out_bf16`` only the bits are written (and returned).
     """
     lib = _library()
     if lib is None:
@@ -774,8 +865,11 @@ def scan(current: Tensor, mem: Tensor, *, threshold: float = 1.0, leak: float = 
     if (fused and scale is None) or (bias is not None and scale is None):
         raise ValueError("a bf16 accumulator needs its scale (and a bias goes with a scale)")
     _check_columns(dtype, W, scale=scale, bias=bias)
-    if not float_out and (out is not None or out_bf16 is None):
-        raise ValueError("float_out=False writes out_bf16 only: pass out_bf16 and no out")
+    if not float_out and (out is not None or (out_bf16 is None and out_bits is None)):
+        raise ValueError("float_out=False writes out_bf16 or out_bits only: pass one of them and no out")
+    if out_bits is not None and (out_bits.dtype != torch.int64 or out_bits.shape != (T, R, words(W))
+                                 or out_bits.device.type != "cpu" or (out_bits.shape[2] > 1 and out_bits.stride(2) != 1)):
+        raise ValueError(f"out_bits must be a CPU int64 (t, R, {words(W)}) tensor with a contiguous last axis")
     if out is None and float_out:
         out = torch.empty((T, R, W), dtype=dtype)
     for name, t, want in (("current", None if spikes is not None else current, torch.bfloat16 if fused else dtype),
@@ -801,21 +895,25 @@ def scan(current: Tensor, mem: Tensor, *, threshold: float = 1.0, leak: float = 
     threads = max(1, min(torch.get_num_threads(), R, (T * R * W) // MIN_SPLIT))
     ol = out if out is not None else out_bf16
     li = in_layout or Layout(current.stride(0), R, R * current.stride(1), current.stride(1), None)
-    lo = out_layout or Layout(ol.stride(0), R, R * ol.stride(1), ol.stride(1), None)
+    lo = out_layout or (Layout(ol.stride(0), R, R * ol.stride(1), ol.stride(1), None) if ol is not None
+                        else Layout(R * W, R, R * W, W, None))  # bits only: no float or bf16 spikes
     summed = spikes is not None
+    bits_in = summed and spikes.dtype == torch.int64
     failed = fn(None if fused or summed else current.data_ptr(), current.data_ptr() if fused else None,
                 None if table is not None else _ptr(scale), None if table is not None else _ptr(bias),
                 li.ts, li.rs, li.lseq, li.bs, _ptr(li.cols),
-                _ptr(spikes), spikes.stride(0) if summed else 0, spikes.stride(1) if summed else 0,
+                None if bits_in else _ptr(spikes), _ptr(spikes) if bits_in else None,
+                spikes.stride(0) if summed else 0, spikes.stride(1) if summed else 0,
                 _ptr(weight_t), K, _ptr(table),
-                _ptr(out), _ptr(out_bf16), lo.ts, lo.rs, lo.lseq, lo.bs, _ptr(lo.cols),
+                _ptr(out), _ptr(out_bf16), _ptr(out_bits), 0 if out_bits is None else out_bits.stride(0),
+                0 if out_bits is None else out_bits.stride(1), lo.ts, lo.rs, lo.lseq, lo.bs, _ptr(lo.cols),
                 mem.data_ptr(), _ptr(weighted), _ptr(valid), _ptr(counts),
                 T, R, W, float(threshold), float(leak), threads)
     if failed:
-        raise MemoryError("the compiled scan could not allocate its step counts")
+        raise MemoryError("the compiled scan could not allocate its step counts or work buffer")
     if out_layout is not None:
         out, out_bf16 = originals
-    return out if float_out else out_bf16
+    return out if float_out else out_bf16 if out_bf16 is not None else out_bits
 
 
 def _rows(name: str, t: Tensor | None, want: torch.dtype, shape) -> Tensor | None:
@@ -886,11 +984,22 @@ def accumulate(x: Tensor, weight_t: Tensor, out: Tensor | None = None, scale: Te
     fast bf16 products. With ``scale`` (N,) (and ``bias`` (N,), ``residual`` (..., N), all in x's
     dtype) it returns :func:`affine` of that product, ``((x @ W)·scale + bias) + residual`` with
     the same roundings, without writing the product first. ``out``: a contiguous (..., N) tensor
-    of x's dtype to write into."""
+    of x's dtype to write into.
+
+    ``x`` may be the spikes as bits, an int64 (..., ``words(K)``) tensor as :func:`scan`'s
+    ``out_bits`` writes them; the result then has the dtype of ``scale`` (or of ``out``, else
+    float32)."""
     lib = _library()
     if lib is None:
         raise RuntimeError("the compiled kernels are unavailable (see native.available())")
-    dtype, K = x.dtype, x.shape[-1]
+    bits = x.dtype == torch.int64
+    if bits:
+        K = weight_t.shape[0] if weight_t.dim() == 2 else -1
+        dtype = scale.dtype if scale is not None else out.dtype if out is not None else torch.float32
+        if x.device.type != "cpu" or x.dim() < 1 or x.shape[-1] != words(K):
+            raise ValueError(f"{K} input spikes as bits take {words(K)} int64 words a row, got {tuple(x.shape)}")
+    else:
+        dtype, K = x.dtype, x.shape[-1]
     if dtype not in (torch.float32, torch.float64) or x.device.type != "cpu":
         raise ValueError(f"accumulate runs CPU float32 or float64 spikes, not {x.device.type} {dtype}")
     if weight_t.dtype not in (torch.int8, torch.int16) or weight_t.dim() != 2 or weight_t.shape[0] != K \
@@ -903,12 +1012,13 @@ def accumulate(x: Tensor, weight_t: Tensor, out: Tensor | None = None, scale: Te
     if (bias is not None or residual is not None) and scale is None:
         raise ValueError("a bias or residual goes with a scale")
     _check_columns(dtype, N, scale=scale, bias=bias)
-    if K > 1 and x.stride(-1) != 1:
+    width = x.shape[-1]  # K, or K's words
+    if width > 1 and x.stride(-1) != 1:
         x = x.contiguous()
     try:
-        rows = x.view(-1, K)
+        rows = x.view(-1, width)
     except RuntimeError:
-        rows = x.reshape(-1, K)
+        rows = x.reshape(-1, width)
     shape = (*x.shape[:-1], N)
     if out is None:
         out = torch.empty(shape, dtype=dtype)
@@ -922,6 +1032,7 @@ def accumulate(x: Tensor, weight_t: Tensor, out: Tensor | None = None, scale: Te
     if weight_t.dtype == torch.int8:
         weight_t = weight_t.to(torch.int16)  # the kernel adds int16 rows (no widening per event)
     fn = lib.accumulate_f32 if dtype == torch.float32 else lib.accumulate_f64
-    fn(rows.data_ptr(), rows.stride(0), weight_t.data_ptr(), out.data_ptr(), N,
-       _ptr(scale), _ptr(bias), _ptr(res), 0 if res is None else res.stride(0), R, K, N, threads)
+    if fn(None if bits else rows.data_ptr(), rows.data_ptr() if bits else None, rows.stride(0), weight_t.data_ptr(),
+          out.data_ptr(), N, _ptr(scale), _ptr(bias), _ptr(res), 0 if res is None else res.stride(0), R, K, N, threads):
+        raise MemoryError("the compiled accumulation could not allocate its work buffer")
     return out

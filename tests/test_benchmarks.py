@@ -24,8 +24,10 @@ def test_simulate_profile_reports_product_share_and_bound(capsys):
     assert r["native_scan"] is native.available()
     if native.available():
         assert r["fast_native_scan_s"] > 0 and r["fast_without_native_seq_steps_per_s"] > 0
+        assert r["fast_native_accumulate_s"] >= 0 and r["fast_native_affine_s"] >= 0
         assert r["native_speedup"] == pytest.approx(r["fast_seq_steps_per_s"] / r["fast_without_native_seq_steps_per_s"])
-        assert native.scan.__name__ == "scan"  # the timing wrapper is gone, the compiled scan is back on
+        # the timing wrappers are gone, the compiled kernels are back on
+        assert (native.scan.__name__, native.accumulate.__name__, native.affine.__name__) == ("scan", "accumulate", "affine")
     assert 0 < r["fast_product_s"] < r["fast_profiled_s"]
     assert 0 < r["reference_product_share"] < 1
     assert r["fast_product_share"] == pytest.approx(r["fast_product_s"] / r["fast_profiled_s"])

@@ -266,6 +266,45 @@ def test_scan_sums_a_binary_ternary_product_as_accumulate_then_scan(dtype, K, W,
         assert torch.equal(got, want)
 
 
+def unpack(bits, width, dtype):
+    """(..., words) int64 -> (..., width) 0/1 spikes: bit j % 64 of word j // 64 is column j."""
+    return ((bits.unsqueeze(-1) >> torch.arange(64)) & 1).flatten(-2)[..., :width].to(dtype)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("K, W", [(64, 64), (70, 40), (256, 200), (3, 1200), (130, 17)])
+def test_spikes_as_bits_feed_the_accumulation_and_the_summed_scan(dtype, K, W):
+    """scan's out_bits hold its spikes 64 to a word; accumulate and a summed scan read them as
+    they read the float spikes, bit for bit."""
+    g = torch.Generator().manual_seed(K + W)
+    R = 37
+    cur = currents(T, R, K, dtype, seed=K)
+    bits = torch.full((T, R, native.words(K)), -1, dtype=torch.int64)
+    spikes = native.scan(cur, torch.zeros(R, K, dtype=dtype), leak=0.9, out_bits=bits)
+    assert torch.equal(unpack(bits, K, dtype), spikes)
+    if K % 64:  # the bits past the last column are zero
+        assert torch.equal(bits[..., -1] >> (K % 64), torch.zeros(T, R, dtype=torch.int64))
+    only = torch.zeros_like(bits)  # bits alone: no float spikes written
+    assert native.scan(cur, torch.zeros(R, K, dtype=dtype), leak=0.9, out_bits=only, float_out=False) is only
+    assert torch.equal(only, bits)
+    wt = torch.randint(-1, 2, (K, W), generator=g).to(torch.int16)
+    scale = (torch.rand(W, generator=g, dtype=torch.float64) / 5).to(dtype)
+    bias = torch.randn(W, generator=g, dtype=torch.float64).to(dtype)
+    assert torch.equal(native.accumulate(bits, wt, scale=scale, bias=bias),
+                       native.accumulate(spikes, wt, scale=scale, bias=bias))
+    assert torch.equal(native.accumulate(bits, wt, out=torch.empty(T, R, W, dtype=dtype)), spikes @ wt.to(dtype))
+    assert torch.equal(native.scan(bits, torch.zeros(R, W, dtype=dtype), weight_t=wt, scale=scale, bias=bias),
+                       native.scan(spikes, torch.zeros(R, W, dtype=dtype), weight_t=wt, scale=scale, bias=bias))
+    with pytest.raises(ValueError, match="as bits take"):
+        native.accumulate(bits[..., :-1] if bits.shape[-1] > 1 else torch.zeros(T, R, 2, dtype=torch.int64), wt)
+    with pytest.raises(ValueError, match="as bits take"):
+        native.scan(torch.zeros(T, R, native.words(K) + 1, dtype=torch.int64), torch.zeros(R, W, dtype=dtype),
+                    weight_t=wt, scale=scale)
+    with pytest.raises(ValueError, match="out_bits must be"):
+        native.scan(cur, torch.zeros(R, K, dtype=dtype), out_bits=torch.zeros(T, R, native.words(K) + 1, dtype=torch.int64))
+
+
 @needs_native
 def test_scan_summing_a_product_writes_a_per_head_layout():
     B, L, H, dh, K = 2, 32, 4, 16, 64
@@ -397,11 +436,20 @@ def test_engine_with_and_without_the_compiled_scan_equals_the_reference(make_mod
                         raster_sites=("layer.0.value", "layer.1.output"), raster_sequences=(0, 2),
                         raster_tokens=(1, 3), raster_neurons=5)
     opts = EngineOptions(backend="torch", chunk_steps=5)
-    scan, summed = native.scan, []
-    monkeypatch.setattr(native, "scan", lambda *a, **kw: summed.append(kw.get("weight_t") is not None) or scan(*a, **kw))
+    scan, summed, packed = native.scan, [], []
+
+    def spy(*a, **kw):
+        summed.append(kw.get("weight_t") is not None)
+        packed.append(kw.get("out_bits") is not None)
+        return scan(*a, **kw)
+
+    monkeypatch.setattr(native, "scan", spy)
     compiled = simulate_multistep(model, ids, mask, timesteps=T, record=rec, options=opts)
     # with the compiled accumulation, K, V and the intermediate neurons sum their own currents
     assert sum(summed) == (3 * len(model.layers) * -(-T // 5) if product == "accumulate" and mode != "fp" else 0)
+    # and every site whose spikes feed a binary/ternary product writes them as bits too (the input,
+    # attention, attention-output, intermediate and output neurons; floats where recorded or summed)
+    assert sum(packed) == ((1 + 4 * len(model.layers)) * -(-T // 5) if product == "accumulate" and mode != "fp" else 0)
     monkeypatch.setattr(engine.native, "available", lambda: False)
     plain = simulate_multistep(model, ids, mask, timesteps=T, record=rec, options=opts)
     ref = simulate(model, ids, mask, timesteps=T, engine="reference", record=rec)
