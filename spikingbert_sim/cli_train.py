@@ -65,17 +65,20 @@ def training_options(fn):
               help="BERT folder or hub name to fine-tune [default: the offline MiniLM-L6-H384].")
 @click.option("--lr", type=float, default=2e-5, show_default=True, help="Peak learning rate (AdamW).")
 @click.option("--force", is_flag=True, help="Replace --out if it exists and is not empty.")
+@click.option("--save-every", type=click.IntRange(min=0), default=500, show_default=True,
+              help="Save the training state to OUT/resume.pt every N steps (0: never).")
+@click.option("--resume", is_flag=True, help="Continue the unfinished run in --out from its resume.pt.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def teacher(task, data_dir, epochs, max_steps, batch_size, seed, max_length, limit, eval_limit, warmup_ratio,
-            weight_decay, device, progress, log_every, out, model, lr, force, as_json):
+            weight_decay, device, progress, log_every, out, model, lr, force, save_every, resume, as_json):
     """Fine-tune a BERT classifier on a GLUE task: the distillation teacher."""
     from .teacher import TeacherConfig, finetune_teacher
 
     config = TeacherConfig(task=task, out=out, data_dir=data_dir, model=model, epochs=epochs, max_steps=max_steps,
                            batch_size=batch_size, lr=lr, seed=seed, max_length=max_length, limit=limit,
                            eval_limit=eval_limit, warmup_ratio=warmup_ratio, weight_decay=weight_decay,
-                           device=device, force=force, log_every=log_every)
-    summary = finetune_teacher(config, progress=progress, log=log)
+                           device=device, force=force, log_every=log_every, save_every=save_every or None)
+    summary = finetune_teacher(config, progress=progress, log=log, resume=resume)
     if as_json:
         echo_json(summary)
     else:

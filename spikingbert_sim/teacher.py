@@ -6,7 +6,11 @@ MiniLM-L6-H384 (:func:`spikingbert_sim.hf.default_model_path`), or any BERT fold
 Whenever it produces targets it is in eval mode (no dropout) and runs without autograd.
 A fine-tuned teacher is saved with ``save_pretrained`` (weights, config with label names, and the
 tokenizer) into a temporary folder beside the target, which is then renamed into place: a crash
-never leaves a half-written teacher under the final name.
+never leaves a half-written teacher under the final name. While it trains, every ``save_every``
+steps the whole training state (weights, optimizer, schedule, random generators, data position)
+goes atomically to ``resume.pt`` in the output folder, from which ``resume=True`` (``spikesim
+teacher --resume``) continues the run: the teacher it saves equals an uninterrupted run's, bit for
+bit on the same machine.
 """
 
 from __future__ import annotations
@@ -156,11 +160,54 @@ class TeacherConfig:
     device: str = "cpu"
     force: bool = False  # replace an existing non-empty out folder
     log_every: int | None = None  # log a progress line every N steps (None: 50 without a progress bar; 0: never)
+    save_every: int | None = 500  # save the training state (resume.pt) every N steps; None: never
 
     def __post_init__(self) -> None:
-        from .trainer import check_common
+        from .trainer import _positive, check_common
 
         check_common(self)
+        _positive(self, "save_every", optional=True)
+
+
+RESUME = "resume.pt"
+"""The training state of an unfinished teacher run, in its output folder."""
+RESUME_FORMAT, RESUME_VERSION = "spikingbert_sim.teacher_state", 1
+TEACHER_RUN_ONLY = frozenset({"out", "data_dir", "device", "force", "log_every", "save_every"})
+"""Options that may differ when a run is resumed; every other one must match."""
+
+
+def _resume_state(out: Path, config: TeacherConfig, resume: bool) -> dict[str, Any] | None:
+    """The saved state of the unfinished run in ``out`` to continue (``resume``), or None for a
+    fresh start; refuses to mix runs or to overwrite a folder without ``force``."""
+    from .checkpoint import safe_torch_load
+    from .errors import CheckpointError
+
+    state_file = out / RESUME
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} exists and is not a folder")
+    if not state_file.exists():
+        if resume and out.is_dir() and (out / "config.json").exists():
+            raise ConfigError(f"{out} holds a finished teacher; nothing to resume")
+        _check_out_folder(out, config.force)
+        return None
+    if not resume:
+        if config.force:
+            return None  # start over; the folder is replaced when the new teacher is saved
+        raise ConfigError(f"{out} holds an unfinished teacher run ({RESUME}); pass --resume to continue it "
+                          "or --force to start over")
+    state = safe_torch_load(state_file)
+    if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT or state.get("version") != RESUME_VERSION:
+        raise CheckpointError(f"{state_file} holds no teacher training state this version can resume")
+    saved, now = state.get("config", {}), _fingerprint(config)
+    diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    if diff:
+        detail = ", ".join(f"{k}: {saved.get(k)!r} then, {now.get(k)!r} now" for k in diff)
+        raise ConfigError(f"cannot resume {state_file}: it was written with another configuration ({detail})")
+    return state
+
+
+def _fingerprint(config: TeacherConfig) -> dict[str, Any]:
+    return {k: v for k, v in asdict(config).items() if k not in TEACHER_RUN_ONLY}
 
 
 def _check_out_folder(out: Path, force: bool) -> None:
@@ -234,8 +281,10 @@ def teacher_logits(model: nn.Module, tensors: dict[str, Tensor], batch_size: int
 
 
 def finetune_teacher(config: TeacherConfig, progress: bool | None = None,
-                     log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Fine-tune a BERT classifier on ``config.task`` and save it (see the module doc).
+                     log: Callable[[str], None] | None = None, resume: bool = False) -> dict[str, Any]:
+    """Fine-tune a BERT classifier on ``config.task`` and save it (see the module doc); with
+    ``resume``, continue the unfinished run whose state is in ``config.out`` (a fresh start if
+    there is none).
 
     Returns a summary: dev metrics, steps, seconds, the output folder.
     """
@@ -244,14 +293,15 @@ def finetune_teacher(config: TeacherConfig, progress: bool | None = None,
     from .data import GlueDataset, get_task, load_glue
     from .hf import default_model_path, load_bert, load_tokenizer
     from .metrics import main_metric
-    from .trainer import (ProgressLog, batch_order, linear_schedule, log_interval, param_groups, resolve_device,
-                          seed_everything, total_steps, trim_batch)
+    from .checkpoint import atomic_torch_save
+    from .trainer import (ProgressLog, _rng_state, _set_rng_state, batch_order, linear_schedule, log_interval,
+                          param_groups, resolve_device, seed_everything, total_steps, trim_batch)
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
     quiet_transformers()
     info = get_task(config.task)
     out = Path(config.out)
-    _check_out_folder(out, config.force)
+    state = _resume_state(out, config, resume)
     device = resolve_device(config.device)
     source = config.model or default_model_path()
     seed_everything(config.seed)
@@ -288,11 +338,31 @@ def finetune_teacher(config: TeacherConfig, progress: bool | None = None,
     bar = tqdm(total=total, desc=f"teacher {info.name}", unit="step", disable=not show, file=sys.stderr)
     progress_log = ProgressLog(log_interval(config.log_every, show), total, log)
     start_time = time.time()
-    step = epoch = 0
+    step = epoch = position = 0
+    elapsed = 0.0
     losses = []
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step, epoch, position = state["step"], state["epoch"], state["position"]
+        losses, elapsed = list(state["losses"]), float(state["elapsed"])
+        _set_rng_state(state["rng"], device)
+        bar.update(step)
+        log(f"teacher {info.name}: resuming {out / RESUME} at step {step}/{total} (epoch {epoch + 1})")
+
+    def save_state(position: int) -> None:
+        atomic_torch_save({"format": RESUME_FORMAT, "version": RESUME_VERSION, "config": _fingerprint(config),
+                           "step": step, "epoch": epoch, "position": position, "model": model.state_dict(),
+                           "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                           "rng": _rng_state(device), "losses": losses,
+                           "elapsed": elapsed + time.time() - start_time}, out / RESUME)
+
     model.train()
     while step < total:
-        for idx in batch_order(n, config.batch_size, config.seed, epoch):
+        for pos, idx in enumerate(batch_order(n, config.batch_size, config.seed, epoch)):
+            if pos < position:  # done before the run was interrupted
+                continue
             b = trim_batch({k: v[idx] for k, v in train_t.items()}, device)
             outputs = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
                             token_type_ids=b["token_type_ids"], labels=b["labels"])
@@ -308,10 +378,14 @@ def finetune_teacher(config: TeacherConfig, progress: bool | None = None,
             progress_log.step(step, losses[-1], f"teacher {info.name} step {step}/{total} (epoch {epoch + 1})")
             if step >= total:
                 break
+            if config.save_every and step % config.save_every == 0:
+                out.mkdir(parents=True, exist_ok=True)
+                save_state(pos + 1)
         epoch += 1
+        position = 0
     bar.close()
     metrics = evaluate_teacher(model, info.name, dev_t, config.batch_size * 2, device)
-    seconds = time.time() - start_time
+    seconds = elapsed + time.time() - start_time
     summary = {
         "task": info.name, "source": str(source), "steps": step, "epochs_started": epoch,
         "train_examples": n, "dev_examples": len(dev), "final_train_loss": losses[-1] if losses else None,
@@ -320,8 +394,9 @@ def finetune_teacher(config: TeacherConfig, progress: bool | None = None,
         "config": asdict(config),
     }
     model.eval().to("cpu")
+    # the finished teacher replaces the folder, and with it the training state
     save_teacher_atomically(model, tokenizer, out, {"teacher_summary.json": json.dumps(summary, indent=2) + "\n"},
-                            force=config.force)
+                            force=config.force or (out / RESUME).exists())
     summary["out"] = str(out)
     log(f"teacher {info.name}: {step} steps in {seconds:.0f} s; dev " +
         ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()) + f"; saved to {out}")

@@ -76,6 +76,54 @@ def test_teacher_finetunes_and_saves_atomically(assets, tmp_path):
     assert (out / "model.safetensors").read_bytes() != before
 
 
+def test_teacher_resumes_an_interrupted_run_to_the_same_teacher(assets, tmp_path, monkeypatch):
+    """A teacher run killed after its step-4 state was saved, resumed with --resume, saves the
+    teacher an uninterrupted run saves (bit for bit), across an epoch boundary (3 batches an epoch)."""
+    from safetensors.torch import load_file
+
+    def args(out, *extra):
+        return ["teacher", "--task", "sst2", "--data", assets["data"], "--model", assets["teacher"], "--out", out,
+                "--max-steps", "7", "--batch-size", "8", "--device", "cpu", "--save-every", "2", *extra]
+
+    whole = tmp_path / "whole"
+    assert invoke(*args(whole)).exit_code == 0
+    assert not (whole / "resume.pt").exists()  # the finished teacher replaced the training state
+
+    import torch
+    clip, calls = torch.nn.utils.clip_grad_norm_, []
+
+    def killed_at_step_5(*a, **kw):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return clip(*a, **kw)
+
+    part = tmp_path / "part"
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", killed_at_step_5)
+    assert invoke(*args(part)).exit_code != 0
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    assert sorted(p.name for p in part.iterdir()) == ["resume.pt"]
+    assert_one_line_error(invoke(*args(part)), "unfinished teacher run", "--resume")
+    assert_one_line_error(invoke(*args(part, "--lr", "1e-4", "--resume")), "another configuration", "lr")
+    result = invoke(*args(part, "--resume"))
+    assert result.exit_code == 0, result.output
+    assert "resuming" in result.output and "at step 4/7 (epoch 2)" in result.output
+    assert not (part / "resume.pt").exists()
+    a, b = load_file(str(whole / "model.safetensors")), load_file(str(part / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    s_whole = json.loads((whole / "teacher_summary.json").read_text())
+    s_part = json.loads((part / "teacher_summary.json").read_text())
+    assert s_part["dev_metrics"] == s_whole["dev_metrics"] and s_part["final_train_loss"] == s_whole["final_train_loss"]
+    assert_one_line_error(invoke(*args(part, "--resume")), "holds a finished teacher")
+    # --force starts over in a folder holding an unfinished run
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", killed_at_step_5)
+    calls.clear()
+    again = tmp_path / "again"
+    invoke(*args(again))
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    assert invoke(*args(again, "--force")).exit_code == 0 and not (again / "resume.pt").exists()
+
+
 def test_teacher_progress_lines(assets, tmp_path):
     args = ["teacher", "--task", "sst2", "--data", assets["data"], "--model", assets["teacher"], "--max-steps", "4",
             "--batch-size", "8", "--device", "cpu", "--no-progress"]
