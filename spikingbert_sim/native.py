@@ -180,12 +180,12 @@ static inline void %(name)s_words(const REAL *restrict x, int64_t K, uint64_t *r
    through an array. */
 #if defined(__AVX2__)
 static inline __attribute__((always_inline)) void %(name)s_tile(const int16_t *restrict w, int64_t N,
-        const uint64_t *restrict words, int64_t nw, int16_t *restrict acc, const int nv)
+        const uint64_t *restrict words, int64_t nw, uint64_t last, int16_t *restrict acc, const int nv)
 {
     __m256i a[8];
     for (int v = 0; v < nv; ++v) a[v] = _mm256_setzero_si256();
     for (int64_t q = 0; q < nw; ++q)
-        for (uint64_t m = words[q]; m; m &= m - 1) {
+        for (uint64_t m = q == nw - 1 ? words[q] & last : words[q]; m; m &= m - 1) {
             const __m256i *wr = (const __m256i *)(w + (q * 64 + __builtin_ctzll(m)) * N);
             for (int v = 0; v < nv; ++v) a[v] = _mm256_add_epi16(a[v], _mm256_loadu_si256(wr + v));
         }
@@ -194,8 +194,11 @@ static inline __attribute__((always_inline)) void %(name)s_tile(const int16_t *r
 #endif
 
 static void %(name)s_sum(const int16_t *restrict w, int64_t N, const uint64_t *const *rows, int64_t nr,
-                         int64_t nw, int16_t *restrict acc, int64_t stride, int64_t nb)
+                         int64_t K, int16_t *restrict acc, int64_t stride, int64_t nb)
 {
+    /* the bits of inputs K.. in the last word (given bits need not be clear there) are ignored */
+    const int64_t nw = (K + 63) / 64;
+    const uint64_t last = K %% 64 ? ((uint64_t)1 << (K %% 64)) - 1 : ~(uint64_t)0;
     int64_t j0 = 0;
 #if defined(__AVX2__)
     while (nb - j0 >= 16) {
@@ -204,14 +207,14 @@ static void %(name)s_sum(const int16_t *restrict w, int64_t N, const uint64_t *c
         for (int64_t r = 0; r < nr; ++r) {
             int16_t *restrict ar = acc + r * stride + j0;
             switch (nv) {  /* a constant register count each: the registers stay registers */
-                case 8: %(name)s_tile(w + j0, N, rows[r], nw, ar, 8); break;
-                case 7: %(name)s_tile(w + j0, N, rows[r], nw, ar, 7); break;
-                case 6: %(name)s_tile(w + j0, N, rows[r], nw, ar, 6); break;
-                case 5: %(name)s_tile(w + j0, N, rows[r], nw, ar, 5); break;
-                case 4: %(name)s_tile(w + j0, N, rows[r], nw, ar, 4); break;
-                case 3: %(name)s_tile(w + j0, N, rows[r], nw, ar, 3); break;
-                case 2: %(name)s_tile(w + j0, N, rows[r], nw, ar, 2); break;
-                default: %(name)s_tile(w + j0, N, rows[r], nw, ar, 1); break;
+                case 8: %(name)s_tile(w + j0, N, rows[r], nw, last, ar, 8); break;
+                case 7: %(name)s_tile(w + j0, N, rows[r], nw, last, ar, 7); break;
+                case 6: %(name)s_tile(w + j0, N, rows[r], nw, last, ar, 6); break;
+                case 5: %(name)s_tile(w + j0, N, rows[r], nw, last, ar, 5); break;
+                case 4: %(name)s_tile(w + j0, N, rows[r], nw, last, ar, 4); break;
+                case 3: %(name)s_tile(w + j0, N, rows[r], nw, last, ar, 3); break;
+                case 2: %(name)s_tile(w + j0, N, rows[r], nw, last, ar, 2); break;
+                default: %(name)s_tile(w + j0, N, rows[r], nw, last, ar, 1); break;
             }
         }
         j0 += 16 * (int64_t)nv;
@@ -222,7 +225,7 @@ static void %(name)s_sum(const int16_t *restrict w, int64_t N, const uint64_t *c
         int16_t *restrict ar = acc + r * stride;
         for (int64_t j = j0; j < nb; ++j) ar[j] = 0;
         for (int64_t q = 0; q < nw; ++q)
-            for (uint64_t m = rows[r][q]; m; m &= m - 1) {
+            for (uint64_t m = q == nw - 1 ? rows[r][q] & last : rows[r][q]; m; m &= m - 1) {
                 const int16_t *restrict w0 = w + (q * 64 + __builtin_ctzll(m)) * N;
                 for (int64_t j = j0; j < nb; ++j) ar[j] = (int16_t)(ar[j] + w0[j]);
             }
@@ -230,7 +233,7 @@ static void %(name)s_sum(const int16_t *restrict w, int64_t N, const uint64_t *c
 }
 
 /* xi[j] = lt[a[j]·wN + j]: f((sum·scale) + bias) tabulated per column for every possible sum
-   (lt: the row of sum 0), one load each: AVX2 gathers were 1.5x slower (AMD Zen 3) */
+   (lt: the row of sum 0), one load each: AVX2 gathers measured no faster, GCC's 1.5x slower (AMD Zen 3) */
 SCALAR_LOOP static void %(name)s_lookup(REAL *restrict xi, const REAL *restrict lt, const int16_t *restrict a,
                                         int64_t wN, int64_t n)
 {
@@ -300,7 +303,7 @@ static void %(name)s_rows(const REAL *cur, const uint16_t *cur16, const REAL *sc
                         rp[q] = ws + q * nw;
                     }
                 }
-                %(name)s_sum(wt + j0, wN, rp, nr, nw, as, n, n);
+                %(name)s_sum(wt + j0, wN, rp, nr, K, as, n, n);
                 for (int64_t q = 0; q < nr; ++q) {
                     REAL *restrict xq = xs + q * n;
                     const int16_t *restrict aq = as + q * n;
@@ -548,7 +551,7 @@ int %(accumulate)s(const REAL *x, const uint64_t *xb, int64_t x_rs, const int16_
             }
             for (int64_t n0 = 0; n0 < N; n0 += NB) {
                 const int64_t nb = N - n0 < NB ? N - n0 : NB;
-                %(name)s_sum(wt + n0, N, rp, nr, nw, acc, NB, nb);
+                %(name)s_sum(wt + n0, N, rp, nr, K, acc, NB, nb);
                 for (int64_t q = 0; q < nr; ++q) {
                     const int16_t *restrict aq = acc + q * NB;
                     REAL *restrict d = out + (b0 + q) * out_rs + n0;

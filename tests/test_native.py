@@ -296,6 +296,12 @@ def test_spikes_as_bits_feed_the_accumulation_and_the_summed_scan(dtype, K, W):
     assert torch.equal(native.accumulate(bits, wt, out=torch.empty(T, R, W, dtype=dtype)), spikes @ wt.to(dtype))
     assert torch.equal(native.scan(bits, torch.zeros(R, W, dtype=dtype), weight_t=wt, scale=scale, bias=bias),
                        native.scan(spikes, torch.zeros(R, W, dtype=dtype), weight_t=wt, scale=scale, bias=bias))
+    if K % 64:  # bits set past the last input are ignored (no weight row read beyond K)
+        dirty = bits.clone()
+        dirty[..., -1] |= -1 << (K % 64)
+        assert torch.equal(native.accumulate(dirty, wt, out=torch.empty(T, R, W, dtype=dtype)), spikes @ wt.to(dtype))
+        assert torch.equal(native.scan(dirty, torch.zeros(R, W, dtype=dtype), weight_t=wt, scale=scale),
+                           native.scan(spikes, torch.zeros(R, W, dtype=dtype), weight_t=wt, scale=scale))
     with pytest.raises(ValueError, match="as bits take"):
         native.accumulate(bits[..., :-1] if bits.shape[-1] > 1 else torch.zeros(T, R, 2, dtype=torch.int64), wt)
     with pytest.raises(ValueError, match="as bits take"):
