@@ -356,6 +356,7 @@ class _TorchRun:
         self.model, self.embedded, self.mask_bias, self.recorder = model, embedded, mask_bias, recorder
         cfg = model.config
         self.threshold, self.leak = cfg.threshold, cfg.leak
+        self.output_site = model.output_site
         self.mems: dict[str, Tensor] = {}
         dt, dev = embedded.dtype, embedded.device
         self.dtype = dt
@@ -424,7 +425,7 @@ class _TorchRun:
         for n, s in enumerate(sites):
             w = self.model.site_width(s)
             counted = self.native and self.state[s].counts is not None
-            readout = s == self.model.output_site and rec.track_readout
+            readout = s == self.output_site and rec.track_readout
             if self._recorded(s):
                 if head_outs is not None:
                     part = head_outs[n][2]()
@@ -450,7 +451,7 @@ class _TorchRun:
         scan, a spike hook, rasters or the readout), not only the scan's counts."""
         rec = self.recorder
         return not (self.native and self.state[site].counts is not None) or getattr(rec, "on_spikes", None) is not None \
-            or (site == self.model.output_site and rec.track_readout) or site in rec.options.raster_sites
+            or (site == self.output_site and rec.track_readout) or site in rec.options.raster_sites
 
     def _scan_native(self, sites: tuple[str, ...], current: Tensor, bf16: bool,
                      affine: tuple[Tensor, Tensor | None] | None, in_layout: native.Layout | None,

@@ -399,7 +399,9 @@ def _simulate(model: SpikingBertForSequenceClassification, input_ids: Tensor,
     if engine == "fast" and model.feedback is not None:
         engine = "reference"
     was_training = model.training
-    model.eval()
+    switch = any(m.training for m in model.modules())  # eval() walks every module: only when needed
+    if switch:
+        model.eval()
     try:
         with torch.no_grad():
             embedded = model.embeddings(input_ids, token_type_ids)  # (B, L, D)
@@ -412,7 +414,8 @@ def _simulate(model: SpikingBertForSequenceClassification, input_ids: Tensor,
             logits = model.readout(recorder.final_asr(model.output_site).to(embedded.dtype))
             return recorder.finish(logits)
     finally:
-        model.train(was_training)
+        if switch:
+            model.train(was_training)
 
 
 def simulate_batches(model: SpikingBertForSequenceClassification, batches: Sequence[dict[str, Tensor]],

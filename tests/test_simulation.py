@@ -30,6 +30,23 @@ def assert_same_result(a, b):
     assert a.spike_counts == b.spike_counts
 
 
+@pytest.mark.parametrize("engine", ["fast", "reference"])
+def test_simulation_runs_in_eval_mode_and_restores_the_training_mode(make_model, batch, engine):
+    """A model in training mode simulates as in eval mode (the same result), and each module's
+    mode is what it was before, training or not."""
+    model = make_model("ternary")
+    ids, mask = batch
+    seen = []  # the mode of the embeddings while the simulation runs them
+    model.embeddings.register_forward_pre_hook(lambda module, args: seen.append(module.training))
+    model.eval()
+    want = simulate(model, ids, mask, timesteps=6, engine=engine)
+    assert not any(m.training for m in model.modules())
+    model.train()
+    got = simulate(model, ids, mask, timesteps=6, engine=engine)
+    assert all(m.training for m in model.modules())
+    assert torch.equal(got.logits, want.logits) and seen == [False, False]
+
+
 @pytest.mark.parametrize("mode", ["fp", "binary", "ternary"])
 def test_fast_engine_equals_reference_bitwise_float64(make_model, batch, mode):
     model = make_model(mode).double()
