@@ -322,6 +322,19 @@ def _signature(model: nn.Module) -> tuple:
                  for t in itertools.chain(model.parameters(), model.buffers()))
 
 
+def _cached(model: nn.Module, key: tuple, build: Callable[[], list[dict]]) -> list[dict]:
+    """``build()``'s result for this model and ``key``, kept until a parameter or buffer of the
+    model changes (:func:`_signature`)."""
+    sig = _signature(model)
+    cache = _PREPARED.setdefault(model, {})
+    hit = cache.get(key)
+    if hit is not None and hit[0] == sig:
+        return hit[1]
+    value = build()
+    cache[key] = (sig, value)
+    return value
+
+
 def _torch_linears(model: SpikingBertForSequenceClassification, dtype: torch.dtype, device: torch.device,
                    compiled: bool) -> list[dict]:
     """The torch backend's per-layer products (:class:`_ExactLinear`), cached per model, dtype,
@@ -329,26 +342,24 @@ def _torch_linears(model: SpikingBertForSequenceClassification, dtype: torch.dty
     kernels and binary/ternary weights, ``summed``: the operands with which K's, V's and the
     intermediate neurons sum their own currents (:meth:`_ExactLinear.summed`; the intermediate
     layer's GELU tabulated), and Q's."""
-    key = ("torch", dtype, str(device), compiled, kernels.cpu_spike_product() if device.type == "cpu" else None)
-    sig = _signature(model)
-    cache = _PREPARED.setdefault(model, {})
-    hit = cache.get(key)
-    if hit is not None and hit[0] == sig:
-        return hit[1]
     D = model.config.hidden_size
-    linears = []
-    for layer in model.layers:
-        lin = dict(kvq=_ExactLinear([layer.key, layer.value, layer.query], dtype, device),
-                   o=_ExactLinear([layer.attention_output], dtype, device),
-                   i=_ExactLinear([layer.intermediate], dtype, device),
-                   out=_ExactLinear([layer.output], dtype, device))
-        kvq, inter = lin["kvq"], lin["i"]
-        parts = [kvq.summed(0, D), kvq.summed(D, 2 * D), kvq.summed(2 * D, 3 * D),
-                 inter.summed(0, inter.splits[0], F.gelu)] if compiled and kvq.exact else [None]
-        lin["summed"] = None if any(p is None for p in parts) else parts
-        linears.append(lin)
-    cache[key] = (sig, linears)
-    return linears
+
+    def build() -> list[dict]:
+        linears = []
+        for layer in model.layers:
+            lin = dict(kvq=_ExactLinear([layer.key, layer.value, layer.query], dtype, device),
+                       o=_ExactLinear([layer.attention_output], dtype, device),
+                       i=_ExactLinear([layer.intermediate], dtype, device),
+                       out=_ExactLinear([layer.output], dtype, device))
+            kvq, inter = lin["kvq"], lin["i"]
+            parts = [kvq.summed(0, D), kvq.summed(D, 2 * D), kvq.summed(2 * D, 3 * D),
+                     inter.summed(0, inter.splits[0], F.gelu)] if compiled and kvq.exact else [None]
+            lin["summed"] = None if any(p is None for p in parts) else parts
+            linears.append(lin)
+        return linears
+
+    key = ("torch", dtype, str(device), compiled, kernels.cpu_spike_product() if device.type == "cpu" else None)
+    return _cached(model, key, build)
 
 
 class _TorchRun:
@@ -609,25 +620,19 @@ def prepare_product(modules: list[QuantLinear], operand: str, device) -> _Produc
 def prepared_layers(model: SpikingBertForSequenceClassification, operand: str, device) -> list[dict]:
     """The fused backend's per-layer weights (stacked, converted to the operand format), cached
     per model, operand and device until a parameter or buffer of the model changes."""
-    key = (operand, str(device))
-    sig = _signature(model)
-    cache = _PREPARED.setdefault(model, {})
-    hit = cache.get(key)
-    if hit is not None and hit[0] == sig:
-        return hit[1]
-
     def norm(n):
         return (n.weight.detach().float().contiguous(), n.bias.detach().float().contiguous(), n.eps)
 
-    layers = [dict(layer=layer,
-                   qkv=prepare_product([layer.query, layer.key, layer.value], operand, device),
-                   o=prepare_product([layer.attention_output], operand, device),
-                   i=prepare_product([layer.intermediate], operand, device),
-                   out=prepare_product([layer.output], operand, device),
-                   norm1=norm(layer.attention_norm), norm2=norm(layer.output_norm))
-              for layer in model.layers]
-    cache[key] = (sig, layers)
-    return layers
+    def build() -> list[dict]:
+        return [dict(layer=layer,
+                     qkv=prepare_product([layer.query, layer.key, layer.value], operand, device),
+                     o=prepare_product([layer.attention_output], operand, device),
+                     i=prepare_product([layer.intermediate], operand, device),
+                     out=prepare_product([layer.output], operand, device),
+                     norm1=norm(layer.attention_norm), norm2=norm(layer.output_norm))
+                for layer in model.layers]
+
+    return _cached(model, (operand, str(device)), build)
 
 
 class _FusedRun:

@@ -172,6 +172,35 @@ static inline void %(name)s_words(const REAL *restrict x, int64_t K, uint64_t *r
         words[k0 / 64] = %(name)s_mask(x + k0, K - k0 < 64 ? K - k0 : 64);
 }
 
+/* A row's input spikes as bits: given (xb + off), or found from the float spikes (x + off) into buf. */
+static inline const uint64_t *%(name)s_row_bits(const REAL *x, const uint64_t *xb, int64_t off, int64_t K,
+                                                uint64_t *buf)
+{
+    if (xb) return xb + off;
+    %(name)s_words(x + off, K, buf);
+    return buf;
+}
+
+/* d[j] = (d[j] + bias[j]) + residual[j], each addition rounded to REAL as PyTorch's add_ would; the
+   residual bf16 (res16: 0/1 spikes) or REAL (res); any of the three may be absent. */
+static inline void %(name)s_bias_residual(REAL *restrict d, const REAL *restrict bias,
+                                          const uint16_t *restrict res16, const REAL *restrict res, int64_t n)
+{
+    if (bias) for (int64_t j = 0; j < n; ++j) d[j] = d[j] + bias[j];
+    if (res16) for (int64_t j = 0; j < n; ++j) d[j] = d[j] + (REAL)bf16_to_float(res16[j]);
+    else if (res) for (int64_t j = 0; j < n; ++j) d[j] = d[j] + res[j];
+}
+
+/* d[j] = ((a[j]·scale[j]) + bias[j]) + res[j] from integer sums a, rounded as PyTorch's mul, add_,
+   add_; without a scale the sums themselves (then no bias or residual either). */
+static inline void %(name)s_from_sums(REAL *restrict d, const int16_t *restrict a, const REAL *restrict scale,
+                                      const REAL *restrict bias, const REAL *restrict res, int64_t n)
+{
+    if (scale) for (int64_t j = 0; j < n; ++j) d[j] = (REAL)a[j] * scale[j];
+    else for (int64_t j = 0; j < n; ++j) d[j] = (REAL)a[j];
+    %(name)s_bias_residual(d, bias, 0, res, n);
+}
+
 /* acc[r·stride + j] = Σ over the set bits k of rows[r][0..nw) of w[k·N + j], for r < nr and j < nb,
    int16 (exact: |Σ| ≤ K ≤ 32767). Where AVX2 is built in, 16 columns a register and up to 8
    registers held over all of a row's firing inputs (each: one load and one add per register), a
@@ -295,24 +324,13 @@ static void %(name)s_rows(const REAL *cur, const uint16_t *cur16, const REAL *sc
         if (wt) {  /* a binary/ternary product's currents, summed here from its input spikes */
             if (t %% tb == 0) {
                 const int64_t steps = T - t < tb ? T - t : tb, nr = steps * g;
-                for (int64_t q = 0; q < nr; ++q) {
-                    const int64_t row = (t + q / g) * spk_ts + (r0 + q %% g) * spk_rs;
-                    if (spk_bits) rp[q] = spk_bits + row;  /* spikes given as bits */
-                    else {
-                        %(name)s_words(spk + row, K, ws + q * nw);
-                        rp[q] = ws + q * nw;
-                    }
-                }
+                for (int64_t q = 0; q < nr; ++q)  /* spikes given as bits, or found from the float ones */
+                    rp[q] = %(name)s_row_bits(spk, spk_bits, (t + q / g) * spk_ts + (r0 + q %% g) * spk_rs, K,
+                                              ws + q * nw);
                 %(name)s_sum(wt + j0, wN, rp, nr, K, as, n, n);
                 for (int64_t q = 0; q < nr; ++q) {
-                    REAL *restrict xq = xs + q * n;
-                    const int16_t *restrict aq = as + q * n;
-                    if (lut) %(name)s_lookup(xq, lut + K * wN + j0, aq, wN, n);
-                    else {
-                        const REAL *restrict sc = scale + j0;
-                        for (int64_t j = 0; j < n; ++j) xq[j] = (REAL)aq[j] * sc[j];
-                        if (bias) for (int64_t j = 0; j < n; ++j) xq[j] = xq[j] + bias[j0 + j];
-                    }
+                    if (lut) %(name)s_lookup(xs + q * n, lut + K * wN + j0, as + q * n, wN, n);
+                    else %(name)s_from_sums(xs + q * n, as + q * n, scale + j0, bias ? bias + j0 : 0, 0, n);
                 }
             }
             c = xs + (t %% tb) * len;
@@ -474,16 +492,6 @@ int %(name)s(const REAL *cur, const uint16_t *cur16, const REAL *scale, const RE
     return failed;
 }
 
-/* d[j] = (d[j] + bias[j]) + residual[j], each addition rounded to REAL as PyTorch's add_ would; the
-   residual bf16 (res16: 0/1 spikes) or REAL (res); any of the three may be absent. */
-static inline void %(name)s_bias_residual(REAL *restrict d, const REAL *restrict bias,
-                                          const uint16_t *restrict res16, const REAL *restrict res, int64_t n)
-{
-    if (bias) for (int64_t j = 0; j < n; ++j) d[j] = d[j] + bias[j];
-    if (res16) for (int64_t j = 0; j < n; ++j) d[j] = d[j] + (REAL)bf16_to_float(res16[j]);
-    else if (res) for (int64_t j = 0; j < n; ++j) d[j] = d[j] + res[j];
-}
-
 /* out[r] = (acc[r]*scale + bias) + residual[r] over rows r, each operation rounded to REAL as
    PyTorch's mul, add_ and add_ would: acc is bf16 (small integers) or REAL (accf), the residual
    bf16 (0/1 spikes) or REAL (resf).
@@ -542,26 +550,14 @@ int %(accumulate)s(const REAL *x, const uint64_t *xb, int64_t x_rs, const int16_
             if (!acc) continue;
             const int64_t b0 = blk * ACC_ROWS, nr = R - b0 < ACC_ROWS ? R - b0 : ACC_ROWS;
             const uint64_t *rp[ACC_ROWS];
-            for (int64_t q = 0; q < nr; ++q) {
-                if (xb) rp[q] = xb + (b0 + q) * x_rs;
-                else {
-                    %(name)s_words(x + (b0 + q) * x_rs, K, ws + q * nw);
-                    rp[q] = ws + q * nw;
-                }
-            }
+            for (int64_t q = 0; q < nr; ++q)
+                rp[q] = %(name)s_row_bits(x, xb, (b0 + q) * x_rs, K, ws + q * nw);
             for (int64_t n0 = 0; n0 < N; n0 += NB) {
                 const int64_t nb = N - n0 < NB ? N - n0 : NB;
                 %(name)s_sum(wt + n0, N, rp, nr, K, acc, NB, nb);
-                for (int64_t q = 0; q < nr; ++q) {
-                    const int16_t *restrict aq = acc + q * NB;
-                    REAL *restrict d = out + (b0 + q) * out_rs + n0;
-                    if (scale) {
-                        const REAL *restrict sc = scale + n0;
-                        for (int64_t j = 0; j < nb; ++j) d[j] = (REAL)aq[j] * sc[j];
-                    } else for (int64_t j = 0; j < nb; ++j) d[j] = (REAL)aq[j];
-                    /* a bias or residual comes with a scale (accumulate() checks) */
-                    %(name)s_bias_residual(d, bias ? bias + n0 : 0, 0, res ? res + (b0 + q) * res_rs + n0 : 0, nb);
-                }
+                for (int64_t q = 0; q < nr; ++q)  /* a bias or residual comes with a scale (accumulate() checks) */
+                    %(name)s_from_sums(out + (b0 + q) * out_rs + n0, acc + q * NB, scale ? scale + n0 : 0,
+                                       bias ? bias + n0 : 0, res ? res + (b0 + q) * res_rs + n0 : 0, nb);
             }
         }
         free(acc);
