@@ -51,6 +51,28 @@ def make_model():
     return build_model
 
 
+def _has_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+needs_triton = pytest.mark.skipif(not _has_triton(), reason="needs triton (its CPU interpreter)")
+"""Skip marker for the tests that run Triton kernels in its CPU interpreter."""
+
+
+@pytest.fixture
+def batch():
+    """(3, 7) ids with the last sequence padded after 4 tokens, and its attention mask."""
+    ids = torch.randint(5, 40, (3, 7), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    mask[2, 4:] = 0
+    ids[2, 4:] = 0
+    return ids, mask
+
+
 @pytest.fixture
 def tiny_ids():
     """(2, 6) token ids, seeded, no special tokens needed by the model itself."""

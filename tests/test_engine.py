@@ -15,17 +15,10 @@ from spikingbert_sim.engine import EngineOptions, plan_chunks, simulate_multiste
 from spikingbert_sim.errors import ConfigError
 from spikingbert_sim.simulation import RecordOptions, Recorder, simulate
 
+from conftest import needs_triton
+
 T = 14
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-
-
-@pytest.fixture
-def batch():
-    ids = torch.randint(5, 40, (3, 7), generator=torch.Generator().manual_seed(5))
-    mask = torch.ones_like(ids)
-    mask[2, 4:] = 0
-    ids[2, 4:] = 0
-    return ids, mask
 
 
 def assert_same(a, b):
@@ -173,15 +166,7 @@ def test_feedback_model_is_refused_by_the_multistep_engine(make_model, batch):
 
 # --- fused backend ---------------------------------------------------------------------------------
 
-def _has_triton() -> bool:
-    try:
-        import triton  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _has_triton(), reason="needs triton (its CPU interpreter)")
+@needs_triton
 def test_fused_backend_in_interpreter_equals_reference_with_fp32_attention():
     """The whole fused pipeline (exact products, fused epilogues, chunks, statistics, padding) on the
     CPU through Triton's interpreter: with fp32 attention it reproduces the reference here."""

@@ -19,6 +19,8 @@ from spikingbert_sim import kernels
 from spikingbert_sim.neurons import if_scan
 from spikingbert_sim.quantization import QuantLinear, quantize
 
+from conftest import needs_triton
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
@@ -163,15 +165,7 @@ def test_exact_product_cpu_equals_linear_bitwise(dtype, K, mode):
 
 # --- Triton interpreter (when Triton is installed) ----------------------------------------------
 
-def _has_triton() -> bool:
-    try:
-        import triton  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _has_triton(), reason="needs triton (its CPU interpreter)")
+@needs_triton
 def test_triton_scan_kernel_in_interpreter_matches_definition():
     code = textwrap.dedent("""
         import torch

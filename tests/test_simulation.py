@@ -11,16 +11,6 @@ from spikingbert_sim.simulation import RecordOptions, check_timesteps, settling_
 T = 16
 
 
-@pytest.fixture
-def batch():
-    """(3, 7) ids with the last sequence padded after 4 tokens."""
-    ids = torch.randint(5, 40, (3, 7), generator=torch.Generator().manual_seed(5))
-    mask = torch.ones_like(ids)
-    mask[2, 4:] = 0
-    ids[2, 4:] = 0
-    return ids, mask
-
-
 def assert_same_result(a, b):
     assert torch.equal(a.logits, b.logits)
     assert a.asr.keys() == b.asr.keys()
