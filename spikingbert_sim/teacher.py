@@ -284,10 +284,18 @@ def finetune_teacher(config: TeacherConfig, progress: bool | None = None,
                      log: Callable[[str], None] | None = None, resume: bool = False) -> dict[str, Any]:
     """Fine-tune a BERT classifier on ``config.task`` and save it (see the module doc); with
     ``resume``, continue the unfinished run whose state is in ``config.out`` (a fresh start if
-    there is none).
+    there is none). One run at a time per output folder.
 
     Returns a summary: dev metrics, steps, seconds, the output folder.
     """
+    from .fileio import exclusive
+
+    with exclusive(config.out):
+        return _finetune_teacher(config, progress, log, resume)
+
+
+def _finetune_teacher(config: TeacherConfig, progress: bool | None, log: Callable[[str], None] | None,
+                      resume: bool) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     from .data import GlueDataset, get_task, load_glue

@@ -29,6 +29,7 @@ identical); ``batch_size`` is per process. Only rank 0 evaluates and writes file
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -645,6 +646,11 @@ class Trainer:
         self.resume = resume
         device = resolve_device(c.device)
         self.dist, self.device = init_distributed(device)
+        if self.dist.is_main:  # one run per output folder; released by close()
+            from .fileio import exclusive
+
+            self._held = contextlib.ExitStack()
+            self._held.enter_context(exclusive(self.out))
         saved = self._check_out_folder()
         seed_everything(c.seed)
         self._load_teacher()
@@ -941,6 +947,10 @@ class Trainer:
         return result
 
     def close(self) -> None:
+        held = getattr(self, "_held", None)
+        if held is not None:
+            self._held = None
+            held.close()
         if getattr(self, "dist", None) is not None and self.dist.owns_group:
             import torch.distributed as dist
 

@@ -311,3 +311,32 @@ def test_eval_analog_scores_the_steady_state_network(assets, tmp_path):
     assert set(report["metrics"]) == {"accuracy"}  # the spiking score at T=4 is still reported
     plain = invoke("eval", "-c", out / "last.pt", "--task", "sst2", "--data", assets["data"], "-T", "4", "--analog")
     assert "analog (T -> infinity): accuracy=" in plain.output
+
+
+def test_one_run_at_a_time_per_output_folder(assets, tmp_path):
+    """A second run on a folder another process is writing is refused before it touches anything;
+    a lock left by a killed run does not block the next one; the lock file goes with the run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from spikingbert_sim.fileio import exclusive, lock_path
+
+    out = tmp_path / "run"
+    teacher = ["teacher", "--task", "sst2", "--data", assets["data"], "--model", assets["teacher"],
+               "--out", out, "--max-steps", "1", "--batch-size", "8", "--device", "cpu"]
+    with exclusive(out):
+        for args in (train_args(assets, out, "--stage", "finetune"), teacher):
+            assert_one_line_error(invoke(*args), f"{out} is in use by another run (process {os.getpid()})",
+                                  "choose another --out")
+        assert not out.exists()
+    assert not lock_path(out).exists()
+    # a holder killed outright leaves its lock file, not its lock
+    code = f"from spikingbert_sim.fileio import exclusive\nwith exclusive({str(out)!r}):\n    import os, signal\n" \
+           f"    os.kill(os.getpid(), signal.SIGKILL)\n"
+    killed = subprocess.run([sys.executable, "-c", code])
+    assert killed.returncode == -signal.SIGKILL and lock_path(out).exists()
+    result = invoke(*train_args(assets, out, "--stage", "finetune"))
+    assert result.exit_code == 0, result.output
+    assert (out / "last.pt").exists() and not lock_path(out).exists()
