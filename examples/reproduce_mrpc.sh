@@ -85,3 +85,14 @@ for w in ternary binary; do quantize $w "$R/mrpc/fp-h-pred/best.pt" $w-h 186 279
 #     36 min; results/mrpc/nokd-ternary-t-pred.metrics.jsonl)
 spikesim train "${common[@]}" "${tr[@]}" --weights ternary --stage predict --max-steps 744 --eval-every 186 --eval-timesteps 80 \
     --out "$R/mrpc/nokd-ternary-t-pred"
+# 13. (experiment) step 6 with another start: the shipped SST-2 full-precision student (a spiking network already
+#     distilled on 67k sentences) instead of the MRPC teacher's layers; its SST-2 head is kept and re-trained
+#     (2026-12-07, OMP_NUM_THREADS=1 beside a second job, 4-6.6 s/step, 1 h 35 min): mean KD loss 11.1 over the first 100
+#     steps and 9.7 over steps 201-300 (from the teacher's layers: 16.5 at the end of step 6's 372 steps, 10.4 at the
+#     end of step 11's 1,116), but dev 69.9 / 80.6,
+#     68.4 / 81.1, 71.1 / 81.5 at steps 186, 372, 558 against step 6's 69.9 / 80.6, 69.9 / 81.9, 70.8 / 82.1: a better
+#     fit of the teacher's hidden states, the same dev (results/mrpc/fp-s-*, log results/mrpc/fp-s.log)
+spikesim train "${common[@]}" "${tr[@]}" --weights fp --stage kd --max-steps 372 "${kd_eval[@]}" \
+    --init checkpoints/sst2-fp.pt --out "$R/mrpc/fp-s-kd"
+spikesim train "${common[@]}" "${tr[@]}" --weights fp --stage predict --max-steps 558 --eval-every 186 --eval-timesteps 80 \
+    --init "$R/mrpc/fp-s-kd/last.pt" --out "$R/mrpc/fp-s-pred"

@@ -164,3 +164,12 @@ sweep "$R/sst2/binary-eq80s45-pred/best.pt" 1bit-eq80s45
 #     another job and alone, 66 min): dev at T = 80 86.1 and 85.7 after 75 and 150 steps, against its 86.6; analog dev
 #     85.8 (86.6 before)
 eq80 fp 44 "$R/sst2/fp-c-pred/best.pt" fp-eq80
+# 20. (experiment, not shipped) step 8 once more: 2,400 more intermediate-KD steps from the shipped full-precision
+#     student (lr 1e-4, seed 44; mean KD loss 5.57 over the first 100, 3.64 over the last 100, against 4.23 at the end
+#     of step 8), then 1,200 soft-label steps (OMP_NUM_THREADS=1 beside a second job, 1.3-1.6 s/step, 1 h 45 min in
+#     all): dev 81.9 and 86.6 after 600 and 1,200 soft-label steps, against step 8's 84.8 and 86.5: more intermediate
+#     KD lowers the KD loss further but no longer moves dev (results/sst2/fp-j-*, log results/sst2/fp-j.log)
+spikesim train "${cont[@]}" --teacher "$TE" --weights fp --seed 44 --lr 1e-4 --stage kd --max-steps 2400 \
+    --eval-every 1000000 --init checkpoints/sst2-fp.pt --out "$R/sst2/fp-j-kd"
+spikesim train "${cont[@]}" --teacher "$TE" --weights fp --seed 44 --lr 1e-4 --stage predict --max-steps 1200 \
+    --eval-every 600 --init "$R/sst2/fp-j-kd/last.pt" --out "$R/sst2/fp-j-pred"
