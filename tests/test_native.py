@@ -9,7 +9,7 @@ from spikingbert_sim.engine import EngineOptions, simulate_multistep
 from spikingbert_sim.errors import ConfigError
 from spikingbert_sim.quantization import QuantLinear
 from spikingbert_sim.simulation import RecordOptions, simulate
-from test_engine import assert_same, batch  # noqa: F401  (batch: a fixture, padded)
+from test_engine import assert_same
 
 needs_native = pytest.mark.skipif(not native.available(), reason="no C compiler: the compiled scan is off")
 T = 13
