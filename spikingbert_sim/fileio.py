@@ -91,11 +91,15 @@ def exclusive(path: str | os.PathLike) -> Iterator[None]:
             raise ConfigError(f"cannot write {lock}: {e.strerror or e}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:
             holder = os.read(fd, 64).decode("ascii", "replace").strip() or "unknown"
             os.close(fd)
             raise ConfigError(f"{path} is in use by another run (process {holder}); wait for it to end "
                               "or choose another --out") from None
+        except OSError:  # a file system without flock (some network mounts): run unguarded, as before
+            os.close(fd)
+            yield
+            return
         try:  # the holder before us may have removed the file between our open and our lock
             current = os.stat(lock).st_ino == os.fstat(fd).st_ino
         except FileNotFoundError:
