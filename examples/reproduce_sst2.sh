@@ -185,3 +185,34 @@ for w in ternary binary; do
   quantize $w checkpoints/sst2-fp.pt $w-k 300 900 900 --save-every 100 --log-every 100 --lr 3e-4
 done
 quantize ternary checkpoints/sst2-fp.pt ternary-m 300 900 900 --save-every 100 --log-every 100 --lr 1e-3
+# 22. (experiment, not shipped) step 21's learning rate with longer schedules, 2026-12-07 (OMP_NUM_THREADS=1, two or
+#     three jobs side by side, 1.5-3.1 s/step at the analog equilibrium, 12-20 s/step at the spiking one; results/sst2/
+#     {binary,ternary}-l-*, binary-{n,o}-*, binary-k-eq80-*, fp-l-*, analog-*-validation.json; training-time fp32 at T = 80):
+#   a. step 10's full schedule (500 intermediate-KD + 2,000 soft-label steps, seed 42) at lr 3e-4 (75-85 min each): mean
+#      KD loss over the last 100 KD steps 6.09 (1-bit) and 5.87 (1.58-bit); dev 84.5 and 83.1 after the KD steps (analog
+#      85.4 and 85.1), then 82.5 / 83.1 (1-bit) and 83.8 / 83.3 (1.58-bit) after 1,000 / 2,000 soft-label steps (analog at
+#      the end 83.3 and 84.8): the soft-label stage at this rate loses what the KD steps gained
+for w in binary ternary; do
+  quantize $w checkpoints/sst2-fp.pt $w-l 500 2000 1000 --save-every 100 --log-every 100 --lr 3e-4
+  for s in kd pred; do
+    spikesim eval -c "$R/sst2/$w-l-$s/last.pt" --task sst2 --data "$G" -T 1 --analog --out "results/sst2/analog-$w-l-$s-validation.json"
+  done
+done
+#   b. the 1-bit KD-stage student of (a) with a gentler soft-label stage (600 steps, lr 5e-5, 25 min): 82.3 and 84.3
+#      after 300 and 600 steps (analog 85.0), against the 84.5 it started from
+spikesim train "${common[@]}" --lr 5e-5 --weights binary --stage predict --max-steps 600 --eval-every 300 --eval-timesteps 80 \
+    --init "$R/sst2/binary-l-kd/last.pt" --out "$R/sst2/binary-n-pred"
+spikesim eval -c "$R/sst2/binary-n-pred/last.pt" --task sst2 --data "$G" -T 1 --analog --out results/sst2/analog-binary-n-pred-validation.json
+#   c. ... or with 500 more intermediate-KD steps and no soft-label stage (lr 3e-4, seed 43, 25 min): mean KD
+#      loss 5.32 over the last 100, dev 81.7, analog 84.4: a better fit of the teacher's layers, a worse student
+spikesim train "${common[@]}" --seed 43 --lr 3e-4 --weights binary --stage kd --max-steps 500 --eval-every 1000000 \
+    --eval-timesteps 80 --init "$R/sst2/binary-l-kd/last.pt" --out "$R/sst2/binary-o-kd"
+spikesim eval -c "$R/sst2/binary-o-kd/last.pt" --task sst2 --data "$G" -T 1 --analog --out results/sst2/analog-binary-o-kd-validation.json
+#   d. step 14's spiking-equilibrium stage on step 21's 1-bit student (84.4, analog 84.75; seed 44, 12-20 s/step,
+#      50 min): 83.9 and 84.1 after 75 and 150 steps, analog 84.2: no gain this time (step 14: +0.5 from 83.8)
+spikesim eval -c "$R/sst2/binary-k-pred/best.pt" --task sst2 --data "$G" -T 1 --analog --out results/sst2/analog-binary-k-pred-validation.json
+eq80 binary 44 "$R/sst2/binary-k-pred/best.pt" binary-k-eq80
+#   e. the full-precision student: step 20's soft-label stage at lr 3e-4 (same start and seed, 70 min): dev 84.3 and 85.7
+#      after 600 and 1,200 steps, against 81.9 and 86.6 at lr 1e-4: faster, not higher
+spikesim train "${cont[@]}" --teacher "$TE" --weights fp --seed 44 --lr 3e-4 --stage predict --max-steps 1200 \
+    --eval-every 600 --init "$R/sst2/fp-j-kd/last.pt" --out "$R/sst2/fp-l-pred"
