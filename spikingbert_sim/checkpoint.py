@@ -172,3 +172,92 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     model.eval()
     return LoadedCheckpoint(model=model, meta=dict(obj.get("meta") or {}),
                             package_version=str(obj.get("package_version", "")), path=str(path))
+
+
+# Meta entries that describe one training run's point (its step, stage, scores, producing command): an
+# average of several checkpoints is none of them, so they are not carried over to it.
+_RUN_POINT_META = ("step", "stage", "dev_metrics", "command", "exported_from", "export_command",
+                   "averaged_from", "average_weights")
+
+
+def _latent(model: SpikingBertForSequenceClassification) -> SpikingBertForSequenceClassification:
+    """Thaw every packed binary/ternary layer (see :meth:`QuantLinear.thaw`), in place."""
+    for module in model.modules():
+        if isinstance(module, QuantLinear) and module.frozen:
+            module.thaw()
+    return model
+
+
+def average_checkpoints(paths: list[str | os.PathLike], weights: list[float] | None = None,
+                        ) -> tuple[SpikingBertForSequenceClassification, dict[str, Any]]:
+    """The weighted mean of the weights of several checkpoints of one model: a "model soup"
+    (Wortsman et al. 2022), or the checkpoint averaging of machine translation.
+
+    Every floating-point tensor is averaged, in float64, and stored in float32; binary and ternary
+    layers are averaged in their latent full-precision weights, which are then quantized as usual
+    (mean |W| of the average). A packed checkpoint (a ``best.pt`` or an export) contributes the latent
+    weights :meth:`QuantLinear.thaw` gives it, which quantize back to its packed values. All the
+    checkpoints must have the same config and tokenizer, and equal non-float tensors. Members that
+    started from one parent (siblings of one schedule, or points along one run) average well; models
+    trained apart do not. ``weights`` (default: all equal) need not sum to 1.
+
+    Returns the averaged model (latent weights, trainable, in eval mode) and its meta: the first
+    checkpoint's, without its run-point entries, with ``averaged_from`` and ``average_weights``.
+    Loads one checkpoint at a time; every problem is a CheckpointError or ConfigError.
+    """
+    paths = [str(p) for p in paths]
+    if len(paths) < 2:
+        raise ConfigError(f"averaging needs at least two checkpoints, got {len(paths)}")
+    if len(set(os.path.realpath(p) for p in paths)) < len(paths):
+        raise ConfigError("a checkpoint is given twice; weight it with --weight instead")
+    weights = [1.0] * len(paths) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(paths):
+        raise ConfigError(f"{len(weights)} weights for {len(paths)} checkpoints")
+    if any(not (w >= 0 and w < float("inf")) for w in weights) or sum(weights) <= 0:
+        raise ConfigError(f"weights must be finite, non-negative and not all zero, got {weights}")
+    first: LoadedCheckpoint | None = None
+    sums: dict[str, torch.Tensor] = {}
+    for path, weight in zip(paths, weights):
+        ckpt = load_checkpoint(path)
+        state = _latent(ckpt.model).state_dict()
+        if first is None:
+            first = ckpt
+            sums = {k: v.double() * weight if v.is_floating_point() else v.clone() for k, v in state.items()}
+            continue
+        config, other = first.model.config.to_dict(), ckpt.model.config.to_dict()
+        changed = [k for k in sorted(set(config) | set(other)) if config.get(k) != other.get(k)]
+        if changed:
+            key = changed[0]
+            raise CheckpointError(f"{path} is another model than {paths[0]}: config {key} is "
+                                  f"{other.get(key)!r}, not {config.get(key)!r}")
+        if ckpt.meta.get("tokenizer") != first.meta.get("tokenizer"):
+            raise CheckpointError(f"{path} uses another tokenizer than {paths[0]}")
+        for key, value in state.items():
+            if value.is_floating_point():
+                sums[key] += value.double() * weight
+            elif not torch.equal(value, sums[key]):
+                raise CheckpointError(f"{path} differs from {paths[0]} in {key}, which is not a float tensor "
+                                      f"and cannot be averaged")
+    total = sum(weights)
+    model = first.model
+    dtypes = {k: v.dtype for k, v in model.state_dict().items()}
+    model.load_state_dict({k: (v / total).to(dtypes[k]) if v.is_floating_point() else v for k, v in sums.items()})
+    meta = {k: v for k, v in first.meta.items() if k not in _RUN_POINT_META}
+    meta.update(averaged_from=paths, average_weights=[w / total for w in weights])
+    return model.eval(), meta
+
+
+def quantized_disagreement(a: SpikingBertForSequenceClassification,
+                           b: SpikingBertForSequenceClassification) -> float | None:
+    """Fraction of the binary/ternary weight values (after quantization) that differ between two
+    models of one config, over all quantized layers; None for a full-precision model."""
+    differ = total = 0
+    modules_b = dict(b.named_modules())
+    for name, module in a.named_modules():
+        if isinstance(module, QuantLinear) and module.mode != "fp":
+            values_a = module.qweight if module.frozen else module.quantized()[0]
+            other = modules_b[name]
+            values_b = other.qweight if other.frozen else other.quantized()[0]
+            differ += int(values_a.ne(values_b).sum())
+            total += values_a.numel()
+    return differ / total if total else None

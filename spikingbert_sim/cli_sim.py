@@ -1,4 +1,4 @@
-"""``spikesim run | convert | compare | plot``: simulation commands."""
+"""``spikesim run | convert | compare | plot | energy | export | average``: simulation and checkpoint commands."""
 
 from __future__ import annotations
 
@@ -255,6 +255,40 @@ def export(checkpoint, out, half_weights, force):
     save_checkpoint(model, out, meta=meta, packed=True, half_embeddings=True, half_weights=half_weights)
     before, after = Path(checkpoint).stat().st_size, Path(out).stat().st_size
     click.echo(f"wrote {out}: weights {model.config.weight_mode}, {after / 1e6:.1f} MB (from {before / 1e6:.1f} MB)")
+
+
+@_command
+@click.command()
+@click.option("--checkpoint", "-c", "checkpoints", required=True, multiple=True, type=click.Path(dir_okay=False),
+              help="A checkpoint to average (repeat, at least twice): training runs' last.pt / best.pt, or exports.")
+@click.option("--weight", "-w", "weights", multiple=True, type=float,
+              help="Weight of each --checkpoint, in their order (repeat once per checkpoint) [default: all equal].")
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False),
+              help="Checkpoint to write (latent weights: evaluate it, train from it with --init, or export it).")
+@click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
+def average(checkpoints, weights, out, force):
+    """Average the weights of checkpoints of one model (a "model soup").
+
+    Siblings trained from one parent (e.g. several seeds or schedules of a quantized student from
+    one full-precision student) average into one model that is often better than each; binary and
+    ternary layers are averaged in their latent weights and quantized again. Prints, per member,
+    the fraction of the average's quantized weights that differ from its own.
+    """
+    from .checkpoint import average_checkpoints, load_checkpoint, quantized_disagreement, save_checkpoint
+
+    if any(Path(out).resolve() == Path(c).resolve() for c in checkpoints):
+        raise click.UsageError("--out must differ from every --checkpoint")
+    if Path(out).exists() and not force:
+        raise click.UsageError(f"{out} exists; pass --force to overwrite it")
+    model, meta = average_checkpoints(list(checkpoints), list(weights) or None)
+    meta["command"] = "spikesim average " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+    save_checkpoint(model, out, meta=meta, packed=False, half_embeddings=False)
+    for path, share in zip(checkpoints, meta["average_weights"]):
+        differ = quantized_disagreement(model, load_checkpoint(path).model)
+        detail = "" if differ is None else f", {100 * differ:.1f} % of its quantized weights differ from the average's"
+        click.echo(f"  {path}: weight {share:.3f}{detail}")
+    click.echo(f"wrote {out}: mean of {len(checkpoints)} checkpoints, weights {model.config.weight_mode}, "
+               f"{Path(out).stat().st_size / 1e6:.1f} MB (latent; `spikesim export` packs it)")
 
 
 @_command

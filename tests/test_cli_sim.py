@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 
 from spikingbert_sim import __version__
-from spikingbert_sim.checkpoint import load_checkpoint
+from spikingbert_sim.checkpoint import load_checkpoint, save_checkpoint
 from spikingbert_sim.cli import main
 
 T = 8
@@ -82,7 +82,7 @@ def test_version(runner):
     assert result.output.strip() == f"spikesim, version {__version__}"
 
 
-@pytest.mark.parametrize("command", ["run", "convert", "compare", "plot", "energy", "export"])
+@pytest.mark.parametrize("command", ["run", "convert", "compare", "plot", "energy", "export", "average"])
 def test_help_of_each_command(runner, command):
     result = assert_ok(invoke(runner, command, "--help"))
     assert result.output.startswith(f"Usage: main {command} [OPTIONS]")
@@ -92,7 +92,7 @@ def test_help_of_each_command(runner, command):
 
 def test_group_help_lists_commands(runner):
     out = assert_ok(invoke(runner, "--help")).output
-    for command in ("run", "convert", "compare", "plot", "energy", "export"):
+    for command in ("run", "convert", "compare", "plot", "energy", "export", "average"):
         assert f"  {command} " in out
 
 
@@ -127,6 +127,96 @@ def test_export_packs_and_halves_and_keeps_the_model(runner, tmp_path, make_mode
         assert_user_error(invoke(runner, "export", "-c", latent, "-o", out), code=2, contains="exists")
     assert_user_error(invoke(runner, "export", "-c", tmp_path / "nothing.pt", "-o", tmp_path / "x.pt"), code=1,
                       contains="no such file")
+
+
+# --- average --------------------------------------------------------------------------------------
+
+def _soup_members(tmp_path, make_model, mode, seeds=(0, 1), **meta):
+    """Latent checkpoints of one config with different weights, as siblings of a schedule would be."""
+    paths = []
+    for seed in seeds:
+        model = make_model(mode, seed=seed, hidden_size=32, intermediate_size=64, num_attention_heads=2)
+        paths.append(save_checkpoint(model, tmp_path / f"{mode}_{seed}.pt", packed=False, half_embeddings=False,
+                                     meta={"tokenizer": {"kind": "test"}, "step": 7 + seed, **meta}))
+    return paths
+
+
+def test_average_is_the_weighted_mean_of_every_float_tensor(runner, tmp_path, make_model):
+    a, b = _soup_members(tmp_path, make_model, "fp")
+    out = tmp_path / "soup.pt"
+    result = assert_ok(invoke(runner, "average", "-c", a, "-c", b, "-w", 1, "-w", 3, "-o", out))
+    assert f"wrote {out}: mean of 2 checkpoints, weights fp" in result.output
+    assert f"{a}: weight 0.250" in result.output and "quantized" not in result.output  # no such weights in fp
+    soup = load_checkpoint(out)
+    sa, sb = load_checkpoint(a).model.state_dict(), load_checkpoint(b).model.state_dict()
+    for key, value in soup.model.state_dict().items():
+        expected = (sa[key].double() * 0.25 + sb[key].double() * 0.75).float()
+        assert torch.equal(value, expected), key
+    # the run-point entries of the members do not describe the average; the tokenizer does
+    assert "step" not in soup.meta and soup.meta["tokenizer"] == {"kind": "test"}
+    assert soup.meta["averaged_from"] == [str(a), str(b)] and soup.meta["average_weights"] == [0.25, 0.75]
+    assert soup.meta["command"].startswith("spikesim average")
+
+
+def test_average_of_quantized_members_quantizes_their_mean_latent_weights(runner, tmp_path, make_model):
+    from spikingbert_sim.checkpoint import save_checkpoint
+    from spikingbert_sim.quantization import QuantLinear, quantize
+
+    latent, other = _soup_members(tmp_path, make_model, "ternary")
+    packed = tmp_path / "packed.pt"  # an export: its packed values thaw to latent weights that quantize back to them
+    save_checkpoint(load_checkpoint(other).model, packed, meta={"tokenizer": {"kind": "test"}})
+    out = tmp_path / "soup.pt"
+    result = assert_ok(invoke(runner, "average", "-c", latent, "-c", packed, "-o", out))
+    soup = load_checkpoint(out).model
+    thawed = load_checkpoint(packed).model
+    for module in thawed.modules():
+        if isinstance(module, QuantLinear):
+            module.thaw()
+    first = dict(load_checkpoint(latent).model.named_modules())
+    second = dict(thawed.named_modules())
+    differ = total = 0
+    for name, module in soup.named_modules():
+        if isinstance(module, QuantLinear):
+            mean = (first[name].weight.double() + second[name].weight.double()).div(2).float()
+            assert torch.equal(module.weight, mean), name
+            values, scale = module.quantized()
+            assert torch.equal(values, quantize(mean, "ternary")[0]) and torch.equal(scale, quantize(mean, "ternary")[1])
+            differ += int(values.ne(quantize(first[name].weight, "ternary")[0]).sum())
+            total += values.numel()
+    # the printed disagreement is the measured one, and members drawn apart do disagree
+    assert 0 < differ < total
+    assert f"{latent}: weight 0.500, {100 * differ / total:.1f} % of its quantized weights differ" in result.output
+    # weights 1 and 0: the average is the first member itself, to the bit
+    same = tmp_path / "same.pt"
+    result = assert_ok(invoke(runner, "average", "-c", latent, "-c", packed, "-w", 1, "-w", 0, "-o", same))
+    assert f"{latent}: weight 1.000, 0.0 % of its quantized weights differ" in result.output
+    expected = load_checkpoint(latent).model.state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in load_checkpoint(same).model.state_dict().items())
+
+
+def test_average_refuses_what_cannot_be_averaged(runner, tmp_path, make_model):
+    fp_a, fp_b = _soup_members(tmp_path, make_model, "fp")
+    (ternary,) = _soup_members(tmp_path, make_model, "ternary", seeds=(0,))
+    other_tok = tmp_path / "tok.pt"
+    save_checkpoint(load_checkpoint(fp_b).model, other_tok, meta={"tokenizer": {"kind": "other"}})
+    out = tmp_path / "soup.pt"
+    cases = [
+        (("-c", fp_a), 1, "at least two checkpoints"),
+        (("-c", fp_a, "-c", fp_a), 1, "given twice"),
+        (("-c", fp_a, "-c", ternary), 1, "config weight_mode is 'ternary', not 'fp'"),
+        (("-c", fp_a, "-c", other_tok), 1, "another tokenizer"),
+        (("-c", fp_a, "-c", fp_b, "-w", 1), 1, "1 weights for 2 checkpoints"),
+        (("-c", fp_a, "-c", fp_b, "-w", 1, "-w", -1), 1, "non-negative"),
+        (("-c", fp_a, "-c", fp_b, "-w", 0, "-w", 0), 1, "not all zero"),
+        (("-c", fp_a, "-c", tmp_path / "missing.pt"), 1, "no such file"),
+        (("-c", fp_a, "-c", fp_b, "-o", fp_a), 2, "must differ"),
+    ]
+    for args, code, message in cases:
+        full = [*args] if "-o" in args else [*args, "-o", out]
+        assert_user_error(invoke(runner, "average", *full), code=code, contains=message)
+        assert not out.exists()
+    assert_ok(invoke(runner, "average", "-c", fp_a, "-c", fp_b, "-o", out))
+    assert_user_error(invoke(runner, "average", "-c", fp_a, "-c", fp_b, "-o", out), code=2, contains="exists")
 
 
 # --- convert --------------------------------------------------------------------------------------
