@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The exact commands that produced checkpoints/sst2-{fp,1.58bit,1bit}.pt (seed 42, seed 43 for the data order of steps 6 and 8;
-# 2-core CPU, torch 2.13.0+cpu; ~10.5 h of training in all on that machine; every step resumes after a kill).
+# The exact commands that produced checkpoints/sst2-{fp,1.58bit,1bit}.pt (fp: steps 1-2b, 4 and 8, seed 42, 43 for step 8's
+# data order; 1-bit and 1.58-bit: the averages of step 23 over the runs of steps 21-23, seeds 42-44; 2-core CPU,
+# torch 2.13.0+cpu; every step resumes after a kill). Steps marked "experiment" and not named by step 23 can be skipped.
 #   bash examples/reproduce_sst2.sh [OUT_DIR]      (default runs/)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -56,7 +57,7 @@ for w in ternary binary; do
   spikesim train "${cont[@]}" --weights $w --stage finetune --init "${start[$w]}" --lr 5e-5 --max-steps 4200 --eval-every 700 \
       --seed 42 --out "$R/sst2/$w-c-ft"
 done
-# 6. the shipped 1.58-bit student: one more soft-label stage (teacher needed) from step 4's file, 2,100 steps at lr 5e-5
+# 6. the 1.58-bit student shipped until step 23: one more soft-label stage (teacher needed) from step 4's file, 2,100 steps at lr 5e-5
 #    with a new data order (seed 43) (OMP_NUM_THREADS=1, two jobs side by side, ~1.5 s/step, 1 h with the evaluations);
 #    the same for the 1-bit student did not beat its step-4 file (83.1 / 83.3 / 82.6 against 83.7), which stayed shipped until step 10
 for w in ternary binary; do
@@ -127,7 +128,7 @@ done
 #     after 600 and 1,200 steps, against 83.9 before
 spikesim train "${cont[@]}" --teacher "$TE" --weights ternary --seed 44 --lr 5e-5 --stage predict --max-steps 1200 \
     --eval-every 600 --init "$R/sst2/ternary-h-pred/last.pt" --out "$R/sst2/ternary-i-pred"
-# 14. the shipped 1-bit student: step 12 with the equilibrium measured at T = 80, the T it is scored at: 150
+# 14. the 1-bit student shipped until step 23: step 12 with the equilibrium measured at T = 80, the T it is scored at: 150
 #     soft-label steps, lr 2e-5, seed 44 (OMP_NUM_THREADS=1 beside another job, 10-13.5 s/step, 37 min with the
 #     evaluations): dev at T = 80 84.3 and 84.2 after 75 and 150 steps (83.8 before; step 12's control 83.3-83.5),
 #     analog dev 85.2 (85.0 before): the spiking side rose this time; its export scores 84.3 at T = 80
@@ -173,7 +174,7 @@ spikesim train "${cont[@]}" --teacher "$TE" --weights fp --seed 44 --lr 1e-4 --s
     --eval-every 1000000 --init checkpoints/sst2-fp.pt --out "$R/sst2/fp-j-kd"
 spikesim train "${cont[@]}" --teacher "$TE" --weights fp --seed 44 --lr 1e-4 --stage predict --max-steps 1200 \
     --eval-every 600 --init "$R/sst2/fp-j-kd/last.pt" --out "$R/sst2/fp-j-pred"
-# 21. (experiment, not shipped) step 9's short schedule (300 intermediate-KD + 900 soft-label steps, seed 42) from the
+# 21. (experiment, not shipped itself; its lr-3e-4 runs are members of step 23's shipped averages) step 9's short schedule (300 intermediate-KD + 900 soft-label steps, seed 42) from the
 #     shipped full-precision student at higher learning rates: the latent weights behind {-1, 0, 1} / {-1, +1} have to
 #     move across a quantization step to change the network, which lr 1e-4 does slowly (OMP_NUM_THREADS=1, two jobs
 #     side by side, 1.3-1.6 s/step, 35 min each; results/sst2/{ternary,binary}-k-*, ternary-m-*, logs beside them). At lr 3e-4:
@@ -185,7 +186,7 @@ for w in ternary binary; do
   quantize $w checkpoints/sst2-fp.pt $w-k 300 900 900 --save-every 100 --log-every 100 --lr 3e-4
 done
 quantize ternary checkpoints/sst2-fp.pt ternary-m 300 900 900 --save-every 100 --log-every 100 --lr 1e-3
-# 22. (experiment, not shipped) step 21's learning rate with longer schedules, 2026-12-07 (OMP_NUM_THREADS=1, two or
+# 22. (experiment, not shipped itself; its 1-bit and 1.58-bit runs are members of step 23's shipped averages) step 21's learning rate with longer schedules, 2026-12-07 (OMP_NUM_THREADS=1, two or
 #     three jobs side by side, 1.5-3.1 s/step at the analog equilibrium, 12-20 s/step at the spiking one; results/sst2/
 #     {binary,ternary}-l-*, {binary,ternary}-n-*, binary-o-*, binary-k-eq80-*, fp-l-*, analog-*-validation.json; training-time fp32 at T = 80):
 #   a. step 10's full schedule (500 intermediate-KD + 2,000 soft-label steps, seed 42) at lr 3e-4 (75-85 min each): mean
@@ -221,3 +222,33 @@ eq80 binary 44 "$R/sst2/binary-k-pred/best.pt" binary-k-eq80
 #      after 600 and 1,200 steps, against 81.9 and 86.6 at lr 1e-4: faster, not higher
 spikesim train "${cont[@]}" --teacher "$TE" --weights fp --seed 44 --lr 3e-4 --stage predict --max-steps 1200 \
     --eval-every 600 --init "$R/sst2/fp-j-kd/last.pt" --out "$R/sst2/fp-l-pred"
+# 23. the shipped 1-bit and 1.58-bit students since 2026-12-07: checkpoint averaging ("model soup", `spikesim average`).
+#     Every 1-bit / 1.58-bit run of steps 21-22 at lr 3e-4 starts from the shipped full-precision student: siblings of one
+#     parent, whose quantized weights differ from their average's in 0.3-4.9 % of places. Two more siblings first: step 21's
+#     short schedule with a second data order (seed 43; OMP_NUM_THREADS=1, two jobs side by side, 1.5-2.1 s/step, 45 min
+#     each with the evaluations): dev at T = 80 83.0 / 83.6 (1-bit) and 81.7 / 82.2 (1.58-bit) after the KD / soft-label
+#     steps, analog 83.6 and 82.8 (results/sst2/{binary,ternary}-p-*, analog-*-p-pred-validation.json)
+for w in binary ternary; do
+  quantize $w checkpoints/sst2-fp.pt $w-p 300 900 900 --save-every 100 --log-every 100 --lr 3e-4 --seed 43
+  spikesim eval -c "$R/sst2/$w-p-pred/last.pt" --task sst2 --data "$G" -T 1 --analog --out "results/sst2/analog-$w-p-pred-validation.json"
+done
+#     The uniform average of the last.pt of all of them (9 runs for 1-bit, 7 for 1.58-bit; 20 s each), exported: dev at
+#     T = 80 84.9 (1-bit; members 81.7-84.5, mean 83.6) and 84.4 (1.58-bit; members 81.7-84.3, mean 83.1), analog 86.1 and
+#     84.5; at or above the files shipped before (84.3 and 84.1) at every T from 12 on (README, step 23)
+members() {  # WEIGHTS RUN...: -c options for the runs' last.pt
+  local w=$1; shift
+  for name in "$@"; do printf -- '-c\n%s\n' "$R/sst2/$w-$name/last.pt"; done
+}
+mapfile -t bm < <(members binary k-kd k-pred k-eq80-pred l-kd l-pred n-pred o-kd p-kd p-pred)
+mapfile -t tm < <(members ternary k-kd k-pred l-kd l-pred n-pred p-kd p-pred)
+spikesim average "${bm[@]}" --force --out "$R/sst2/binary-soup.pt"
+spikesim average "${tm[@]}" --force --out "$R/sst2/ternary-soup.pt"
+spikesim export --force --checkpoint "$R/sst2/binary-soup.pt" --out checkpoints/sst2-1bit.pt
+spikesim export --force --checkpoint "$R/sst2/ternary-soup.pt" --out checkpoints/sst2-1.58bit.pt
+sweep checkpoints/sst2-1bit.pt 1bit
+sweep checkpoints/sst2-1.58bit.pt 1.58bit
+for n in 1bit 1.58bit; do
+  spikesim eval -c checkpoints/sst2-$n.pt --task sst2 --data "$G" -T 1 --analog --out "results/sst2/analog-$n.json"
+  spikesim eval -c checkpoints/sst2-$n.pt --task sst2 --data "$G" -T 1 --analog --split train --limit 872 \
+      --out "results/sst2/analog-$n-train.json"
+done
