@@ -232,7 +232,7 @@ for w in binary ternary; do
   quantize $w checkpoints/sst2-fp.pt $w-p 300 900 900 --save-every 100 --log-every 100 --lr 3e-4 --seed 43
   spikesim eval -c "$R/sst2/$w-p-pred/last.pt" --task sst2 --data "$G" -T 1 --analog --out "results/sst2/analog-$w-p-pred-validation.json"
 done
-#     The uniform average of the last.pt of all of them (9 runs for 1-bit, 7 for 1.58-bit; 20 s each), exported: dev at
+#     The uniform average of the last.pt of all of them (9 runs for 1-bit, 7 for 1.58-bit; 8 s each), exported: dev at
 #     T = 80 84.9 (1-bit; members 81.7-84.5, mean 83.6) and 84.4 (1.58-bit; members 81.7-84.3, mean 83.1), analog 86.1 and
 #     84.5; at or above the files shipped before (84.3 and 84.1) at every T from 12 on (README, step 23)
 members() {  # WEIGHTS RUN...: -c options for the runs' last.pt

@@ -177,15 +177,13 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 # Meta entries that describe one training run's point (its step, stage, scores, producing command): an
 # average of several checkpoints is none of them, so they are not carried over to it.
 _RUN_POINT_META = ("step", "stage", "dev_metrics", "command", "exported_from", "export_command",
-                   "averaged_from", "average_weights")
+                   "averaged_from", "average_weights", "quantized_disagreement")
 
 
-def _latent(model: SpikingBertForSequenceClassification) -> SpikingBertForSequenceClassification:
-    """Thaw every packed binary/ternary layer (see :meth:`QuantLinear.thaw`), in place."""
-    for module in model.modules():
-        if isinstance(module, QuantLinear) and module.frozen:
-            module.thaw()
-    return model
+def _quantized_values(model: SpikingBertForSequenceClassification) -> dict[str, torch.Tensor]:
+    """The int8 {±1} / {-1, 0, 1} values of every binary/ternary layer, by module name."""
+    return {name: module.quantized()[0].to(torch.int8) for name, module in model.named_modules()
+            if isinstance(module, QuantLinear) and module.mode != "fp"}
 
 
 def average_checkpoints(paths: list[str | os.PathLike], weights: list[float] | None = None,
@@ -202,8 +200,11 @@ def average_checkpoints(paths: list[str | os.PathLike], weights: list[float] | N
     trained apart do not. ``weights`` (default: all equal) need not sum to 1.
 
     Returns the averaged model (latent weights, trainable, in eval mode) and its meta: the first
-    checkpoint's, without its run-point entries, with ``averaged_from`` and ``average_weights``.
-    Loads one checkpoint at a time; every problem is a CheckpointError or ConfigError.
+    checkpoint's, without its run-point entries, with ``averaged_from``, ``average_weights`` and
+    ``quantized_disagreement`` (per member, the fraction of the average's binary/ternary values
+    that differ from the member's own; None for a full-precision model). Loads each checkpoint
+    once, one at a time (keeping only its int8 quantized values); every problem is a
+    CheckpointError or ConfigError.
     """
     paths = [str(p) for p in paths]
     if len(paths) < 2:
@@ -217,9 +218,11 @@ def average_checkpoints(paths: list[str | os.PathLike], weights: list[float] | N
         raise ConfigError(f"weights must be finite, non-negative and not all zero, got {weights}")
     first: LoadedCheckpoint | None = None
     sums: dict[str, torch.Tensor] = {}
+    member_values: list[dict[str, torch.Tensor]] = []
     for path, weight in zip(paths, weights):
         ckpt = load_checkpoint(path)
-        state = _latent(ckpt.model).state_dict()
+        state = ckpt.model.thaw_quantized().state_dict()
+        member_values.append(_quantized_values(ckpt.model))
         if first is None:
             first = ckpt
             sums = {k: v.double() * weight if v.is_floating_point() else v.clone() for k, v in state.items()}
@@ -242,22 +245,10 @@ def average_checkpoints(paths: list[str | os.PathLike], weights: list[float] | N
     model = first.model
     dtypes = {k: v.dtype for k, v in model.state_dict().items()}
     model.load_state_dict({k: (v / total).to(dtypes[k]) if v.is_floating_point() else v for k, v in sums.items()})
+    average_values = _quantized_values(model)
+    total_values = sum(v.numel() for v in average_values.values())
+    disagreement = None if not total_values else [
+        sum(int(v.ne(values[k]).sum()) for k, v in average_values.items()) / total_values for values in member_values]
     meta = {k: v for k, v in first.meta.items() if k not in _RUN_POINT_META}
-    meta.update(averaged_from=paths, average_weights=[w / total for w in weights])
+    meta.update(averaged_from=paths, average_weights=[w / total for w in weights], quantized_disagreement=disagreement)
     return model.eval(), meta
-
-
-def quantized_disagreement(a: SpikingBertForSequenceClassification,
-                           b: SpikingBertForSequenceClassification) -> float | None:
-    """Fraction of the binary/ternary weight values (after quantization) that differ between two
-    models of one config, over all quantized layers; None for a full-precision model."""
-    differ = total = 0
-    modules_b = dict(b.named_modules())
-    for name, module in a.named_modules():
-        if isinstance(module, QuantLinear) and module.mode != "fp":
-            values_a = module.qweight if module.frozen else module.quantized()[0]
-            other = modules_b[name]
-            values_b = other.qweight if other.frozen else other.quantized()[0]
-            differ += int(values_a.ne(values_b).sum())
-            total += values_a.numel()
-    return differ / total if total else None

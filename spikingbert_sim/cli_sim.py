@@ -274,7 +274,7 @@ def average(checkpoints, weights, out, force):
     ternary layers are averaged in their latent weights and quantized again. Prints, per member,
     the fraction of the average's quantized weights that differ from its own.
     """
-    from .checkpoint import average_checkpoints, load_checkpoint, quantized_disagreement, save_checkpoint
+    from .checkpoint import average_checkpoints, save_checkpoint
 
     if any(Path(out).resolve() == Path(c).resolve() for c in checkpoints):
         raise click.UsageError("--out must differ from every --checkpoint")
@@ -283,8 +283,8 @@ def average(checkpoints, weights, out, force):
     model, meta = average_checkpoints(list(checkpoints), list(weights) or None)
     meta["command"] = "spikesim average " + " ".join(shlex.quote(a) for a in sys.argv[2:])
     save_checkpoint(model, out, meta=meta, packed=False, half_embeddings=False)
-    for path, share in zip(checkpoints, meta["average_weights"]):
-        differ = quantized_disagreement(model, load_checkpoint(path).model)
+    disagreement = meta["quantized_disagreement"] or [None] * len(checkpoints)
+    for path, share, differ in zip(checkpoints, meta["average_weights"], disagreement):
         detail = "" if differ is None else f", {100 * differ:.1f} % of its quantized weights differ from the average's"
         click.echo(f"  {path}: weight {share:.3f}{detail}")
     click.echo(f"wrote {out}: mean of {len(checkpoints)} checkpoints, weights {model.config.weight_mode}, "

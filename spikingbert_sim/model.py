@@ -220,6 +220,14 @@ class SpikingBertForSequenceClassification(nn.Module):
                 module.freeze()
         return self
 
+    def thaw_quantized(self, mode: str | None = None) -> "SpikingBertForSequenceClassification":
+        """Give every frozen (packed) quantized layer a latent weight again (:meth:`QuantLinear.thaw`,
+        switching it to ``mode`` if given), to train or average a packed checkpoint."""
+        for module in self.modules():
+            if isinstance(module, QuantLinear) and module.frozen:
+                module.thaw(mode)
+        return self
+
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 token_type_ids: Tensor | None = None, labels: Tensor | None = None,
                 timesteps: int = 80, engine: str = "fast") -> SequenceClassifierOutput:

@@ -53,7 +53,6 @@ from .equilibrium import METHODS, SURROGATES, student_forward
 from .errors import CheckpointError, ConfigError, DataError
 from .evaluation import evaluate_student, trim_batch
 from .model import SpikingBertForSequenceClassification
-from .quantization import QuantLinear
 from .runs import METRICS_FILE
 from .solvers import SOLVERS
 
@@ -610,10 +609,7 @@ class Trainer:
         from .checkpoint import load_checkpoint
 
         c = self.config
-        loaded = load_checkpoint(path).model
-        for module in loaded.modules():  # packed weights: latent weights that quantize back to them
-            if isinstance(module, QuantLinear) and module.frozen:
-                module.thaw(c.weights)
+        loaded = load_checkpoint(path).model.thaw_quantized(c.weights)  # packed: latent weights that quantize back
         if loaded.config.num_hidden_layers != c.layers:
             raise ConfigError(f"{path} has {loaded.config.num_hidden_layers} layers but --layers is {c.layers}")
         config = loaded.config.replace(weight_mode=c.weights, num_labels=info.num_labels, **extra)

@@ -159,7 +159,6 @@ def test_average_is_the_weighted_mean_of_every_float_tensor(runner, tmp_path, ma
 
 
 def test_average_of_quantized_members_quantizes_their_mean_latent_weights(runner, tmp_path, make_model):
-    from spikingbert_sim.checkpoint import save_checkpoint
     from spikingbert_sim.quantization import QuantLinear, quantize
 
     latent, other = _soup_members(tmp_path, make_model, "ternary")
@@ -168,10 +167,7 @@ def test_average_of_quantized_members_quantizes_their_mean_latent_weights(runner
     out = tmp_path / "soup.pt"
     result = assert_ok(invoke(runner, "average", "-c", latent, "-c", packed, "-o", out))
     soup = load_checkpoint(out).model
-    thawed = load_checkpoint(packed).model
-    for module in thawed.modules():
-        if isinstance(module, QuantLinear):
-            module.thaw()
+    thawed = load_checkpoint(packed).model.thaw_quantized()
     first = dict(load_checkpoint(latent).model.named_modules())
     second = dict(thawed.named_modules())
     differ = total = 0
