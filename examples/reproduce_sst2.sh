@@ -261,3 +261,23 @@ done
 eq80 binary 44 "$R/sst2/binary-soup.pt" binary-soup-eq80
 spikesim export --force --checkpoint "$R/sst2/binary-soup-eq80-pred/best.pt" --out "$R/sst2/binary-soup-eq80.pt"
 sweep "$R/sst2/binary-soup-eq80.pt" 1bit-soup-eq80
+# 25. (experiment, not shipped) more siblings for step 23's averages: step 23's two runs with two more data orders
+#     (seeds 44 and 45; OMP_NUM_THREADS=1, two jobs side by side, 1.3-2.6 s/step, 45 min each with the evaluations;
+#     results/sst2/{binary,ternary}-{q,r}-*, logs {binary,ternary}-qr.log): dev at T = 80 after the KD / soft-label steps
+#     82.6 / 83.4 and 82.45 / 84.75 (1-bit), 82.0 / 83.4 and 80.85 / 84.2 (1.58-bit); analog 83.8, 85.1, 82.45, 85.7.
+#     The averages of all 13 (1-bit) and 11 (1.58-bit) score 84.75 and 84.1 at T = 80 (the sweeps, one thread; 84.6 for
+#     the 1-bit one with two threads: one sentence on a threshold), analog 85.7 and 84.5, against the shipped 9- and
+#     7-member averages' 84.9 and 84.4, analog 86.1 and 84.5: more members of one schedule add nothing
+for w in binary ternary; do
+  for run in 44:q 45:r; do
+    quantize $w checkpoints/sst2-fp.pt $w-${run#*:} 300 900 900 --save-every 100 --log-every 100 --lr 3e-4 --seed ${run%:*}
+    spikesim eval -c "$R/sst2/$w-${run#*:}-pred/last.pt" --task sst2 --data "$G" -T 1 --analog \
+        --out "results/sst2/analog-$w-${run#*:}-pred-validation.json"
+  done
+done
+mapfile -t bm13 < <(members binary k-kd k-pred k-eq80-pred l-kd l-pred n-pred o-kd p-kd p-pred q-kd q-pred r-kd r-pred)
+mapfile -t tm11 < <(members ternary k-kd k-pred l-kd l-pred n-pred p-kd p-pred q-kd q-pred r-kd r-pred)
+spikesim average "${bm13[@]}" --force --out "$R/sst2/binary-soup13.pt"
+spikesim average "${tm11[@]}" --force --out "$R/sst2/ternary-soup11.pt"
+sweep "$R/sst2/binary-soup13.pt" 1bit-soup13
+sweep "$R/sst2/ternary-soup11.pt" 1.58bit-soup11

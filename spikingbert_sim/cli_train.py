@@ -257,6 +257,8 @@ def evaluate(checkpoint, task, data_dir, split, timesteps, sweep, adaptive, adap
     import json
     import time
 
+    import torch
+
     from .checkpoint import load_checkpoint
     from .data import GlueDataset, get_task, load_glue
     from .errors import ConfigError
@@ -289,7 +291,10 @@ def evaluate(checkpoint, task, data_dir, split, timesteps, sweep, adaptive, adap
     start = time.time()
     report = {"checkpoint": str(checkpoint), "label": label or Path(checkpoint).stem, "task": info.name,
               "split": split_data.split, "examples": len(split_data), "timesteps": timesteps,
-              "weight_mode": model.config.weight_mode, "main_metric": info.main_metric}
+              "weight_mode": model.config.weight_mode, "main_metric": info.main_metric,
+              # where it ran: float32 sums in another order (another thread count or device) can move a
+              # membrane that sits on its threshold across it, which flips a sentence now and then
+              "device": str(dev), "threads": torch.get_num_threads(), "torch": torch.__version__}
     if sweep:
         points = sweep_timesteps(model, info.name, tensors, sorted(set(sweep) | {timesteps}), batch_size, dev,
                                  engine=engine, progress=bars)

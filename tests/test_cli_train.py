@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from spikingbert_sim.cli import main
@@ -151,6 +152,7 @@ def test_train_then_eval_and_run_the_checkpoint(assets, tmp_path):
     assert scored.exit_code == 0, scored.output
     report = json.loads(scored.output[scored.output.index("{"):])
     assert report["metrics"] == best["dev"] and report["examples"] == 8 and report["split"] == "validation"
+    assert (report["device"], report["threads"], report["torch"]) == ("cpu", torch.get_num_threads(), torch.__version__)
     summed = invoke("summary", out, "--json")  # reads the metrics file the trainer wrote
     assert summed.exit_code == 0, summed.output
     run = json.loads(summed.output)["runs"][0]
