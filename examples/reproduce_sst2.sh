@@ -281,3 +281,20 @@ spikesim average "${bm13[@]}" --force --out "$R/sst2/binary-soup13.pt"
 spikesim average "${tm11[@]}" --force --out "$R/sst2/ternary-soup11.pt"
 sweep "$R/sst2/binary-soup13.pt" 1bit-soup13
 sweep "$R/sst2/ternary-soup11.pt" 1.58bit-soup11
+# 26. (experiment, not shipped) a 1.58-bit student from the shipped 1-bit average: its packed {±1} weights thawed to
+#     ternary latent ones (values · β, so the ternary network starts equal to the 1-bit one, 84.9, with no zeros), then
+#     step 21's short schedule at lr 3e-4 and 1e-4 (seed 42; OMP_NUM_THREADS=1, two jobs side by side, 1.5-1.8 s/step,
+#     40 min each; results/sst2/ternary-{s,u}-*): dev at T = 80 82.0 / 82.6 (lr 3e-4) and 82.3 / 83.0 (lr 1e-4) after the
+#     KD / soft-label steps, analog 84.5 and 85.3; 1.8 % and 0.3 % of the weights became 0: still a 1-bit network, and
+#     the training itself lost 2-3 points of the average's 84.9, as step 24's analog side did
+fromb() {  # NAME LR: the 1.58-bit student from the shipped 1-bit file
+  local name=$1 lr=$2
+  spikesim train "${common[@]}" --lr "$lr" --weights ternary --stage kd --max-steps 300 --eval-every 1000000 \
+      --eval-timesteps 80 --save-every 100 --log-every 100 --init checkpoints/sst2-1bit.pt --out "$R/sst2/$name-kd"
+  spikesim train "${common[@]}" --lr "$lr" --weights ternary --stage predict --max-steps 900 --eval-every 900 \
+      --eval-timesteps 80 --save-every 100 --log-every 100 --init "$R/sst2/$name-kd/last.pt" --out "$R/sst2/$name-pred"
+  spikesim eval -c "$R/sst2/$name-pred/last.pt" --task sst2 --data "$G" -T 1 --analog \
+      --out "results/sst2/analog-$name-pred-validation.json"
+}
+fromb ternary-s 3e-4
+fromb ternary-u 1e-4
