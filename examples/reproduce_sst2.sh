@@ -228,9 +228,12 @@ spikesim train "${cont[@]}" --teacher "$TE" --weights fp --seed 44 --lr 3e-4 --s
 #     short schedule with a second data order (seed 43; OMP_NUM_THREADS=1, two jobs side by side, 1.5-2.1 s/step, 45 min
 #     each with the evaluations): dev at T = 80 83.0 / 83.6 (1-bit) and 81.7 / 82.2 (1.58-bit) after the KD / soft-label
 #     steps, analog 83.6 and 82.8 (results/sst2/{binary,ternary}-p-*, analog-*-p-pred-validation.json)
+sibling() {  # WEIGHTS INIT NAME LR SEED: step 21's short schedule from INIT, then the analog dev of its last checkpoint
+  quantize $1 "$2" $3 300 900 900 --save-every 100 --log-every 100 --lr $4 --seed $5
+  spikesim eval -c "$R/sst2/$3-pred/last.pt" --task sst2 --data "$G" -T 1 --analog --out "results/sst2/analog-$3-pred-validation.json"
+}
 for w in binary ternary; do
-  quantize $w checkpoints/sst2-fp.pt $w-p 300 900 900 --save-every 100 --log-every 100 --lr 3e-4 --seed 43
-  spikesim eval -c "$R/sst2/$w-p-pred/last.pt" --task sst2 --data "$G" -T 1 --analog --out "results/sst2/analog-$w-p-pred-validation.json"
+  sibling $w checkpoints/sst2-fp.pt $w-p 3e-4 43
 done
 #     The uniform average of the last.pt of all of them (9 runs for 1-bit, 7 for 1.58-bit; 8 s each), exported: dev at
 #     T = 80 84.9 (1-bit; members 81.7-84.5, mean 83.6) and 84.4 (1.58-bit; members 81.7-84.3, mean 83.1), analog 86.1 and
@@ -269,16 +272,13 @@ sweep "$R/sst2/binary-soup-eq80.pt" 1bit-soup-eq80
 #     the 1-bit one with two threads: one sentence on a threshold), analog 85.7 and 84.5, against the shipped 9- and
 #     7-member averages' 84.9 and 84.4, analog 86.1 and 84.5: more members of one schedule add nothing
 for w in binary ternary; do
-  for run in 44:q 45:r; do
-    quantize $w checkpoints/sst2-fp.pt $w-${run#*:} 300 900 900 --save-every 100 --log-every 100 --lr 3e-4 --seed ${run%:*}
-    spikesim eval -c "$R/sst2/$w-${run#*:}-pred/last.pt" --task sst2 --data "$G" -T 1 --analog \
-        --out "results/sst2/analog-$w-${run#*:}-pred-validation.json"
-  done
+  sibling $w checkpoints/sst2-fp.pt $w-q 3e-4 44
+  sibling $w checkpoints/sst2-fp.pt $w-r 3e-4 45
 done
-mapfile -t bm13 < <(members binary k-kd k-pred k-eq80-pred l-kd l-pred n-pred o-kd p-kd p-pred q-kd q-pred r-kd r-pred)
-mapfile -t tm11 < <(members ternary k-kd k-pred l-kd l-pred n-pred p-kd p-pred q-kd q-pred r-kd r-pred)
-spikesim average "${bm13[@]}" --force --out "$R/sst2/binary-soup13.pt"
-spikesim average "${tm11[@]}" --force --out "$R/sst2/ternary-soup11.pt"
+mapfile -t bm4 < <(members binary q-kd q-pred r-kd r-pred)
+mapfile -t tm4 < <(members ternary q-kd q-pred r-kd r-pred)
+spikesim average "${bm[@]}" "${bm4[@]}" --force --out "$R/sst2/binary-soup13.pt"
+spikesim average "${tm[@]}" "${tm4[@]}" --force --out "$R/sst2/ternary-soup11.pt"
 sweep "$R/sst2/binary-soup13.pt" 1bit-soup13
 sweep "$R/sst2/ternary-soup11.pt" 1.58bit-soup11
 # 26. (experiment, not shipped) a 1.58-bit student from the shipped 1-bit average: its packed {±1} weights thawed to
@@ -287,14 +287,5 @@ sweep "$R/sst2/ternary-soup11.pt" 1.58bit-soup11
 #     40 min each; results/sst2/ternary-{s,u}-*): dev at T = 80 82.0 / 82.6 (lr 3e-4) and 82.3 / 83.0 (lr 1e-4) after the
 #     KD / soft-label steps, analog 84.5 and 85.3; 1.8 % and 0.3 % of the weights became 0: still a 1-bit network, and
 #     the training itself lost 2-3 points of the average's 84.9, as step 24's analog side did
-fromb() {  # NAME LR: the 1.58-bit student from the shipped 1-bit file
-  local name=$1 lr=$2
-  spikesim train "${common[@]}" --lr "$lr" --weights ternary --stage kd --max-steps 300 --eval-every 1000000 \
-      --eval-timesteps 80 --save-every 100 --log-every 100 --init checkpoints/sst2-1bit.pt --out "$R/sst2/$name-kd"
-  spikesim train "${common[@]}" --lr "$lr" --weights ternary --stage predict --max-steps 900 --eval-every 900 \
-      --eval-timesteps 80 --save-every 100 --log-every 100 --init "$R/sst2/$name-kd/last.pt" --out "$R/sst2/$name-pred"
-  spikesim eval -c "$R/sst2/$name-pred/last.pt" --task sst2 --data "$G" -T 1 --analog \
-      --out "results/sst2/analog-$name-pred-validation.json"
-}
-fromb ternary-s 3e-4
-fromb ternary-u 1e-4
+sibling ternary checkpoints/sst2-1bit.pt ternary-s 3e-4 42
+sibling ternary checkpoints/sst2-1bit.pt ternary-u 1e-4 42
