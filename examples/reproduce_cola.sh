@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The exact commands behind the CoLA students in the README (seed 42, 2-core CPU, torch 2.13.0+cpu;
+# The exact commands behind the CoLA students in the README and results/README.md (seed 42, 2-core CPU, torch 2.13.0+cpu;
 # every step resumes after a kill). First run: OMP_NUM_THREADS=1 beside one other training job,
 # ~0.7 s (CoLA) to 1.1 s (with SST-2) per step (results/cola/1thread/). The README's numbers: steps 1, 2,
 # 4 and 5 re-run with OMP_NUM_THREADS=2 as the only job, 0.5 s per step, 58 min (results/cola/rerun.log).

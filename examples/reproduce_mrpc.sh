@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The exact commands behind the MRPC rows of the README's results (seed 42, 2-core CPU, torch 2.13.0+cpu,
+# The exact commands behind the MRPC rows of the README's results and results/mrpc/README.md (seed 42, 2-core CPU, torch 2.13.0+cpu,
 # OMP_NUM_THREADS=1 per training job, two jobs side by side, ~3 s per step; every step resumes after a kill).
 # Evaluation settings (--eval-*) do not change the trained weights.
 #   bash examples/reproduce_mrpc.sh [OUT_DIR]      (default runs/)

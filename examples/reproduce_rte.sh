@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The exact commands behind the RTE rows of the README's results (seed 42, 2-core CPU, torch 2.13.0+cpu;
+# The exact commands behind the RTE students of the README and results/README.md (seed 42, 2-core CPU, torch 2.13.0+cpu;
 # every step resumes after a kill). First run of steps 1-2: OMP_NUM_THREADS=1 beside one other training
 # job (results/rte/1thread/); the README's numbers: steps 1-3 re-run with OMP_NUM_THREADS=2 as the
 # only job, 53 min (results/rte/rerun.log); all four steps again on 2026-12-06 (results/rte/rerun2.log:

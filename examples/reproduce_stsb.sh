@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The exact commands behind the STS-B students in the README (seed 42, 2-core CPU, torch 2.13.0+cpu,
+# The exact commands behind the STS-B students in the README and results/README.md (seed 42, 2-core CPU, torch 2.13.0+cpu,
 # OMP_NUM_THREADS=2 as the only job: 1.5-1.9 s per KD step, 0.65-0.85 per fine-tuning step, ~5 min per
 # T = 80 dev evaluation, 2 h 7 min for steps 1-4 and 20 min for step 5; every step resumes after a
 # kill). An earlier run of steps 1-2 with OMP_NUM_THREADS=1 beside another job (~3 s per step) is in
