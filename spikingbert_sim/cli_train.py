@@ -103,8 +103,9 @@ def _layer_map(ctx, param, value):
 @training_options
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Folder for metrics.jsonl, last.pt and best.pt.")
-@click.option("--teacher", "teacher_dir", type=click.Path(file_okay=False),
-              help="Fine-tuned BERT teacher folder (from `spikesim teacher`).")
+@click.option("--teacher", "teacher_dir", type=click.Path(),
+              help="Fine-tuned BERT teacher folder (from `spikesim teacher`), or a spiking checkpoint (e.g. "
+                   "a full-precision student teaching quantized ones: targets at its analog equilibrium).")
 @click.option("--weights", type=click.Choice(["fp", "binary", "ternary"]), default="fp", show_default=True,
               help="Student weight precision: fp, binary (1-bit) or ternary (1.58-bit).")
 @click.option("--timesteps", "-T", type=int, default=16, show_default=True, callback=positive_int,
@@ -115,7 +116,7 @@ def _layer_map(ctx, param, value):
 @click.option("--lr", type=float, default=5e-5, show_default=True, help="Peak learning rate of every stage (AdamW).")
 @click.option("--init", default="teacher", show_default=True,
               help="Student initialisation: teacher (copy the teacher layers each student layer is matched "
-                   "to), random, or a spiking checkpoint (packed quantized weights continue from latent "
+                   "to; a spiking teacher: the whole of it), random, or a spiking checkpoint (packed quantized weights continue from latent "
                    "weights that quantize back to them).")
 @click.option("--layers", type=int, default=4, show_default=True, callback=positive_int,
               help="Student encoder layers.")

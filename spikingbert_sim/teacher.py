@@ -4,6 +4,14 @@ compute the targets distillation needs (hidden states, pre-softmax attention sco
 The teacher is a ``transformers.BertForSequenceClassification``; by default the offline
 MiniLM-L6-H384 (:func:`spikingbert_sim.hf.default_model_path`), or any BERT folder / hub name.
 Whenever it produces targets it is in eval mode (no dropout) and runs without autograd.
+
+A **spiking checkpoint** can be the teacher too (:func:`load_teacher` on a ``.pt`` file): usually a
+full-precision spiking student, teaching quantized students of its own architecture, as TernaryBERT
+and BinaryBERT distil from the full-precision model they quantize. Its targets are those of its
+analog equilibrium (T → ∞: every neuron at ``clip(I / V_th, 0, 1)``): the ASRs of its ``embeddings``
+site and of each layer's output in place of hidden states, its pre-softmax attention scores, its
+logits. A student of equal depth then matches it layer for layer (default layer map ``1..N``), and
+with equal widths the projections start as the identity: the kd loss starts at the quantization error.
 A fine-tuned teacher is saved with ``save_pretrained`` (weights, config with label names, and the
 tokenizer) into a temporary folder beside the target, which is then renamed into place: a crash
 never leaves a half-written teacher under the final name. While it trains, every ``save_every``
@@ -46,19 +54,24 @@ def quiet_transformers() -> None:
 # --- loading and targets ---------------------------------------------------------------------------
 
 def load_teacher(source: str | os.PathLike, task: str | None = None, device: str | torch.device = "cpu"):
-    """A fine-tuned BERT classifier and its tokenizer, in eval mode on ``device``.
+    """A fine-tuned BERT classifier (a folder) or a spiking checkpoint (a file), and its tokenizer,
+    in eval mode on ``device`` with gradients off.
 
     Raises :class:`ConfigError` when the folder is not a BERT sequence classifier, or its label
-    count does not fit ``task``.
+    count does not fit ``task``; :class:`~spikingbert_sim.errors.CheckpointError` for a file that is
+    not a spikingbert_sim checkpoint.
     """
     from .hf import load_bert, load_tokenizer
 
     quiet_transformers()
     source = str(source)
     if not Path(source).exists():
-        raise ConfigError(f"teacher folder {source} does not exist")
-    model = load_bert(source)
-    if not hasattr(model, "classifier") or not hasattr(model, "bert"):
+        raise ConfigError(f"teacher {source} does not exist")
+    if Path(source).is_file():
+        model, tokenizer = _load_spiking_teacher(source, task)
+    else:
+        model, tokenizer = load_bert(source), None
+    if not is_spiking(model) and (not hasattr(model, "classifier") or not hasattr(model, "bert")):
         raise ConfigError(f"{source} is not a fine-tuned BERT classifier (no classification head); "
                           "fine-tune one with `spikesim teacher`")
     if task is not None:
@@ -68,7 +81,8 @@ def load_teacher(source: str | os.PathLike, task: str | None = None, device: str
         if model.config.num_labels != info.num_labels:
             raise ConfigError(f"teacher {source} has {model.config.num_labels} label(s) but task {info.name} "
                               f"needs {info.num_labels}")
-    tokenizer = load_tokenizer(source)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(source)
     if len(tokenizer) > model.config.vocab_size:
         raise ConfigError(f"teacher {source}: its tokenizer has {len(tokenizer)} tokens but the model's "
                           f"vocabulary only {model.config.vocab_size}")
@@ -76,6 +90,29 @@ def load_teacher(source: str | os.PathLike, task: str | None = None, device: str
     for p in model.parameters():
         p.requires_grad_(False)
     return model, tokenizer
+
+
+def is_spiking(teacher: nn.Module) -> bool:
+    """True for a spiking teacher (a spikingbert_sim model), False for a Hugging Face BERT."""
+    from .model import SpikingBertForSequenceClassification
+
+    return isinstance(teacher, SpikingBertForSequenceClassification)
+
+
+def _load_spiking_teacher(source: str, task: str | None):
+    """A spiking checkpoint as teacher: its model and the tokenizer stored in it."""
+    from .checkpoint import load_checkpoint
+    from .hf import load_tokenizer, tokenizer_from_meta
+
+    loaded = load_checkpoint(source)
+    ckpt_task = loaded.meta.get("task") or loaded.model.config.task
+    if task is not None and ckpt_task:
+        from .data import get_task
+
+        if get_task(ckpt_task).name != get_task(task).name:
+            raise ConfigError(f"teacher {source} was trained on {ckpt_task}, not {get_task(task).name}")
+    tokenizer = tokenizer_from_meta(loaded.meta) or load_tokenizer(loaded.meta.get("tokenizer_path"))
+    return loaded.model, tokenizer
 
 
 @dataclass
@@ -97,6 +134,8 @@ def teacher_forward(teacher: nn.Module, input_ids: Tensor, attention_mask: Tenso
     on the attention implementation (eager, sdpa, flash) the teacher was loaded with.
     """
     teacher.eval()
+    if is_spiking(teacher):
+        return _spiking_teacher_forward(teacher, input_ids, attention_mask, token_type_ids, attention_layers)
     bert = teacher.bert
     heads = bert.config.num_attention_heads
     captured: dict[tuple[int, str], Tensor] = {}
@@ -122,6 +161,21 @@ def teacher_forward(teacher: nn.Module, input_ids: Tensor, attention_mask: Tenso
         k = k.view(B, L, heads, dh).transpose(1, 2)
         scores[j] = q @ k.transpose(-1, -2) / math.sqrt(dh)  # (B, H, L, L)
     return TeacherOutput(logits=out.logits, hidden_states=tuple(out.hidden_states), attention_scores=scores)
+
+
+def _spiking_teacher_forward(teacher: nn.Module, input_ids: Tensor, attention_mask: Tensor | None,
+                             token_type_ids: Tensor | None, attention_layers: Sequence[int]) -> TeacherOutput:
+    """A spiking teacher's targets at its analog equilibrium: the ASRs of its ``embeddings`` site and
+    of each layer's output stand for hidden states 0..N, its attention scores for the teacher's."""
+    from .equilibrium import steady_state_forward
+    from .model import INPUT_SITE
+
+    n = teacher.config.num_hidden_layers
+    sites = [INPUT_SITE] + [f"layer.{i}.output" for i in range(n)]
+    out = steady_state_forward(teacher, input_ids, attention_mask, token_type_ids, sites=sites,
+                               attention_scores=bool(attention_layers))  # under teacher_forward's no_grad
+    scores = {j: out.attention_scores[f"layer.{j}.attention_scores"] for j in attention_layers}
+    return TeacherOutput(logits=out.logits, hidden_states=tuple(out.asr[s] for s in sites), attention_scores=scores)
 
 
 def teacher_fingerprint(teacher: nn.Module) -> str:

@@ -163,7 +163,7 @@ class TrainConfig:
     task: str  # GLUE task
     out: str  # output folder (metrics.jsonl, last.pt, best.pt)
     data_dir: str | None = None  # classic GLUE folder; None: the datasets hub
-    teacher: str | None = None  # fine-tuned BERT folder (needed for kd / predict and --init teacher)
+    teacher: str | None = None  # fine-tuned BERT folder or spiking checkpoint (needed for kd / predict, --init teacher)
     weights: str = "fp"  # student precision: fp | binary | ternary
     timesteps: int = 16  # T simulated per training step
     stage: str = "all"  # kd | predict | finetune | all
@@ -572,13 +572,16 @@ class Trainer:
 
     def _build_student(self) -> SpikingBertForSequenceClassification:
         from .hf import convert_from_hf
+        from .teacher import is_spiking
 
         c = self.config
         info = self.info
         extra = dict(task=info.name, threshold=c.threshold, feedback=c.feedback,
                      label_names=tuple(info.label_names) if not info.is_regression else ())
         torch.manual_seed(c.seed)
-        if c.init == "teacher":
+        if c.init == "teacher" and is_spiking(self.teacher):  # a spiking teacher: start as a copy of it
+            model = self._student_from_checkpoint(c.teacher, info, extra)
+        elif c.init == "teacher":
             if 0 in self.layer_map:
                 raise ConfigError(f"layer map {self.layer_map} matches a student layer to the embeddings; "
                                   "such a layer cannot start as a teacher layer (use --init random)")

@@ -309,3 +309,80 @@ def test_transfer_refusals(assets, tmp_path, task, transfer, message):
 
     with pytest.raises((ConfigError, DataError), match=message):
         config(assets, tmp_path / "x", task=task, transfer=transfer)
+
+
+def test_spiking_checkpoint_as_teacher(assets, tmp_path):
+    """A full-precision spiking student teaches students of its own architecture: its analog-
+    equilibrium ASRs stand for hidden states, and a copy of it (``--init teacher``) fits them exactly."""
+    from spikingbert_sim.distill import Distiller
+    from spikingbert_sim.equilibrium import steady_state_forward
+    from spikingbert_sim.model import INPUT_SITE
+    from spikingbert_sim.teacher import load_teacher, teacher_forward
+    from spikingbert_sim.trainer import Trainer
+
+    parent = tmp_path / "fp"
+    train(config(assets, parent, weights="fp", stage="kd", max_steps=2), progress=False)
+    teacher_file = str(parent / "last.pt")
+    teacher, tokenizer = load_teacher(teacher_file, "sst2")
+    assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
+    assert tokenizer.convert_tokens_to_ids("[PAD]") == 0
+
+    batch = tokenizer(["good film", "the plot was very dull"], padding=True, return_tensors="pt")
+    t = teacher_forward(teacher, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
+                        attention_layers=(0, 1))
+    ref = steady_state_forward(load_checkpoint(teacher_file).model, batch["input_ids"], batch["attention_mask"],
+                               batch["token_type_ids"], sites=[INPUT_SITE, "layer.0.output", "layer.1.output"],
+                               attention_scores=True)
+    assert len(t.hidden_states) == 3
+    assert torch.equal(t.hidden_states[0], ref.asr[INPUT_SITE]) and torch.equal(t.hidden_states[2], ref.asr["layer.1.output"])
+    assert torch.equal(t.attention_scores[1], ref.attention_scores["layer.1.attention_scores"])
+    assert torch.equal(t.logits, ref.logits)
+    assert 0.0 < float(t.hidden_states[1].mean()) < 1.0  # rates, not LayerNorm outputs
+    distiller = Distiller(32, 32, 2, 2, attention=True)
+    assert distiller.layer_map == [1, 2]
+    loss = distiller.intermediate_loss(ref.asr, t.hidden_states, batch["attention_mask"], ref.attention_scores,
+                                       t.attention_scores)
+    assert float(loss.total.detach()) == 0.0  # the same network, identity projections
+
+    # Training at the analog equilibrium (the teacher's): an fp copy of the teacher starts at zero kd loss and, at a negligible rate, stays there;
+    # a ternary copy starts from the teacher's weights ternarized and pays their quantization error.
+    out = tmp_path / "fp-copy"
+    train(config(assets, out, teacher=teacher_file, weights="fp", stage="kd", max_steps=2, lr=1e-12,
+                 method="steady_state"), progress=False)
+    (record,) = read_metrics(out)
+    assert record["train_loss"] < 1e-12 and set(record["kd_hidden"]) == {"embeddings", "layer.0.output", "layer.1.output"}
+    out = tmp_path / "ternary"
+    train(config(assets, out, teacher=teacher_file, weights="ternary", stage="all", max_steps=1, lr=1e-12,
+                 method="steady_state"), progress=False)
+    records = read_metrics(out)
+    assert [r["stage"] for r in records] == ["kd", "predict", "finetune"]
+    assert records[0]["train_loss"] > 1e-4  # quantization error
+    student = load_checkpoint(out / "last.pt").model
+    parent_state = load_checkpoint(teacher_file).model.state_dict()
+    w = parent_state["layers.0.key.weight"]
+    values, scale = student.get_submodule("layers.0.key").quantized()
+    gamma = w.abs().mean()
+    assert torch.equal(values, torch.round(torch.clamp(w / (gamma + 1e-5), -1, 1)))
+
+    trainer = Trainer(config(assets, tmp_path / "inspect", teacher=teacher_file))
+    trainer.setup()
+    assert trainer.teacher_id and trainer.layer_map == [1, 2]
+
+
+def test_spiking_teacher_refusals(assets, tmp_path):
+    from spikingbert_sim.errors import CheckpointError
+
+    train(config(assets, tmp_path / "stsb", task="stsb", teacher=assets["stsb_teacher"], weights="fp", stage="kd",
+                 max_steps=1), progress=False)
+    with pytest.raises(ConfigError, match="trained on stsb, not sst2"):
+        train(config(assets, tmp_path / "x", teacher=str(tmp_path / "stsb" / "last.pt")), progress=False)
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError):
+        train(config(assets, tmp_path / "y", teacher=str(bad)), progress=False)
+    with pytest.raises(ConfigError, match="does not exist"):
+        train(config(assets, tmp_path / "z", teacher=str(tmp_path / "missing.pt")), progress=False)
+    # a 2-layer spiking teacher cannot seed a 3-layer student
+    with pytest.raises(ConfigError, match="layers"):
+        train(config(assets, tmp_path / "w", teacher=str(tmp_path / "stsb" / "last.pt"), task="stsb", layers=3),
+              progress=False)
