@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shlex
 import sys
 from pathlib import Path
@@ -397,18 +396,10 @@ def plot(traces, out, metric):
 def _plot_sweeps(paths: list[str], target: Path, metric: str | None = None) -> Path:
     import matplotlib.pyplot as plt
 
-    from .errors import DataError
-    from .evaluation import adaptive_points_from_reports, curves_from_reports
+    from .evaluation import adaptive_points_from_reports, curves_from_reports, read_report
     from .plotting import plot_accuracy_vs_timesteps, save_figure
 
-    reports = []
-    for path in paths:
-        try:
-            reports.append(json.loads(Path(path).read_text(encoding="utf-8")))
-        except FileNotFoundError:
-            raise DataError(f"{path}: no such file") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise DataError(f"{path}: not a JSON report ({exc})") from None
+    reports = [read_report(path) for path in paths]
     curves, metric = curves_from_reports(reports, metric)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     task = reports[0].get("task", "")

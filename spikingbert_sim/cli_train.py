@@ -1,4 +1,5 @@
-"""``spikesim teacher | train | eval``: fine-tune the teacher, distil a spiking student, score it."""
+"""``spikesim teacher | train | eval | significance | summary | augment``: fine-tune the teacher, distil a
+spiking student, score it, compare two scorings, summarize runs, augment data."""
 
 from __future__ import annotations
 
@@ -204,6 +205,13 @@ def _sweep(ctx, param, value):
         raise click.BadParameter(str(exc)) from None
 
 
+def _predictions(info, logits) -> list:
+    """Class ids (argmax of the logits), or for a regression task the scores (5 decimals)."""
+    if info.is_regression:
+        return [round(float(v), 5) for v in logits.reshape(-1)]
+    return logits.argmax(dim=-1).tolist()
+
+
 @_command
 @click.command(name="eval")
 @click.option("--checkpoint", "-c", required=True, type=click.Path(dir_okay=False), help="Spiking checkpoint (.pt).")
@@ -263,7 +271,7 @@ def evaluate(checkpoint, task, data_dir, split, timesteps, sweep, adaptive, adap
     from .checkpoint import load_checkpoint
     from .data import GlueDataset, get_task, load_glue
     from .errors import ConfigError
-    from .evaluation import evaluate_adaptive, evaluate_analog, sweep_timesteps
+    from .evaluation import evaluate_adaptive, evaluate_analog, metrics_by_timesteps, sweep_logits
     from .fileio import atomic_write_text
     from .hf import load_tokenizer, tokenizer_from_meta
     from .trainer import evaluate_student, resolve_device
@@ -296,14 +304,20 @@ def evaluate(checkpoint, task, data_dir, split, timesteps, sweep, adaptive, adap
               # where it ran: float32 sums in another order (another thread count or device) can move a
               # membrane that sits on its threshold across it, which flips a sentence now and then
               "device": str(dev), "threads": torch.get_num_threads(), "torch": torch.__version__}
+    # per-example predictions (class ids, or STS-B scores) beside the labels: `spikesim significance`
+    # compares two reports example by example
+    predictions = {"labels": tensors["labels"].tolist()}
     if sweep:
-        points = sweep_timesteps(model, info.name, tensors, sorted(set(sweep) | {timesteps}), batch_size, dev,
-                                 engine=engine, progress=bars)
+        logits = sweep_logits(model, tensors, sorted(set(sweep) | {timesteps}), batch_size, dev, engine=engine,
+                              progress=bars)
+        points = metrics_by_timesteps(info.name, logits, tensors["labels"])
         report["metrics"] = points[timesteps]
         report["sweep"] = [{"timesteps": t, "metrics": m} for t, m in points.items() if t in sweep]
+        predictions["spiking"] = _predictions(info, logits[timesteps])
     else:
-        report["metrics"], _ = evaluate_student(model, info.name, tensors, timesteps, batch_size, dev, engine=engine,
-                                                progress=bars)
+        report["metrics"], logits = evaluate_student(model, info.name, tensors, timesteps, batch_size, dev,
+                                                     engine=engine, progress=bars)
+        predictions["spiking"] = _predictions(info, logits)
     if options is not None:
         result = evaluate_adaptive(model, info.name, tensors, timesteps, options, adaptive_batch_size or batch_size,
                                    dev, engine=engine, progress=bars)
@@ -311,9 +325,12 @@ def evaluate(checkpoint, task, data_dir, split, timesteps, sweep, adaptive, adap
                               "criterion": {"window": options.window, "asr_tol": options.asr_tol,
                                             "value_tol": options.value_tol, "min_steps": options.min_steps,
                                             "check_every": options.check_every}}
+        predictions["adaptive"] = _predictions(info, result.logits)
     if analog:
-        report["analog"], _ = evaluate_analog(model, info.name, tensors, batch_size, dev, progress=bars)
+        report["analog"], logits = evaluate_analog(model, info.name, tensors, batch_size, dev, progress=bars)
+        predictions["analog"] = _predictions(info, logits)
     report["seconds"] = round(time.time() - start, 2)
+    report["predictions"] = predictions
     text = json.dumps(report, indent=2)
     if out:
         atomic_write_text(out, text + "\n")
@@ -331,6 +348,38 @@ def evaluate(checkpoint, task, data_dir, split, timesteps, sweep, adaptive, adap
         a = report["adaptive"]
         click.echo(f"  adaptive (at most T={timesteps}): {fmt(a['metrics'])}; mean {a['mean_timesteps']:.1f} "
                    f"time steps, {100 * a['stopped_early_fraction']:.1f} % stopped early")
+
+
+@_command
+@click.command()
+@click.argument("report_a", type=click.Path(dir_okay=False))
+@click.argument("report_b", type=click.Path(dir_okay=False))
+@click.option("--which", type=click.Choice(["spiking", "analog", "adaptive"]), default="spiking", show_default=True,
+              help="Predictions of REPORT_A to compare: at its T, of the analog equilibrium, or adaptive "
+                   "(and of REPORT_B unless --which-b).")
+@click.option("--which-b", type=click.Choice(["spiking", "analog", "adaptive"]), default=None,
+              help="Predictions of REPORT_B [default: --which], e.g. one model's spiking against its analog ones.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def significance(report_a, report_b, which, which_b, as_json):
+    """Is B more accurate than A on the same examples? McNemar's exact test on two `spikesim eval --out`
+    reports, example by example, with a 95 % interval for the accuracy difference."""
+    from .evaluation import compare_reports, read_report
+
+    result = compare_reports(read_report(report_a), read_report(report_b), which, which_b,
+                             names=(str(report_a), str(report_b)))
+    if as_json:
+        echo_json(result)
+        return
+    r = result
+    for key, path in (("a", report_a), ("b", report_b)):
+        side = r[key]
+        at = f"T={side['timesteps']}" if side["predictions"] != "analog" else "T -> infinity"
+        click.echo(f"{key.upper()}: {side['label'] or path} ({side['predictions']}, {at}): accuracy "
+                   f"{100 * r['accuracy_' + key]:.2f} %")
+    click.echo(f"B - A: {100 * r['difference']:+.2f} points (95 % CI {100 * r['ci_low']:+.2f} to "
+               f"{100 * r['ci_high']:+.2f}) on {r['examples']} {r['task']} {r['split']} examples; "
+               f"{r['disagree']} predicted differently, {r['a_only']} right only in A, {r['b_only']} only in B; "
+               f"McNemar exact p = {r['p_value']:.3g}")
 
 
 @_command

@@ -1,7 +1,8 @@
 """Scoring a spiking model on a GLUE split: at one T, at many T from one simulation, adaptively.
 
 * :func:`evaluate_student`: the task's metrics after ``timesteps`` steps of spiking simulation.
-* :func:`sweep_timesteps`: metrics at every T of a list from *one* simulation of the largest T.
+* :func:`sweep_timesteps`: metrics at every T of a list from *one* simulation of the largest T
+  (:func:`sweep_logits`: the logits themselves).
   The head reads the [CLS] ASR after every step (``RecordOptions(logits_trace=True)``) and a
   T-step run's logits are exactly that trace's T-th entry (the dynamics are causal), so an
   accuracy-versus-time-steps curve costs one simulation instead of one per point.
@@ -18,11 +19,12 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 from .model import SpikingBertForSequenceClassification
 from .simulation import AdaptiveOptions, RecordOptions, check_timesteps, simulate
 
@@ -121,8 +123,23 @@ def sweep_timesteps(model: SpikingBertForSequenceClassification, task: str, tens
                     engine: str = "fast", progress: bool = False) -> dict[int, dict[str, float]]:
     """Metrics at every T of ``timesteps``, from one simulation of ``max(timesteps)`` steps per
     batch (exactly what separate T-step runs give; ``tests/test_adaptive.py``)."""
+    logits = sweep_logits(model, tensors, timesteps, batch_size, device, engine=engine, progress=progress)
+    return metrics_by_timesteps(task, logits, tensors["labels"])
+
+
+def metrics_by_timesteps(task: str, logits: dict[int, Tensor], labels: Tensor) -> dict[int, dict[str, float]]:
+    """GLUE metrics of each T's logits (:func:`sweep_logits`)."""
     from .metrics import compute_metrics
 
+    return {t: compute_metrics(task, v.numpy(), labels.numpy()) for t, v in logits.items()}
+
+
+@torch.no_grad()
+def sweep_logits(model: SpikingBertForSequenceClassification, tensors: dict[str, Tensor],
+                 timesteps: Sequence[int], batch_size: int, device: torch.device | str,
+                 engine: str = "fast", progress: bool = False) -> dict[int, Tensor]:
+    """Logits ``(N, num_labels)``, in the tensors' order, at every T of ``timesteps`` (ascending),
+    from one simulation of ``max(timesteps)`` steps per batch."""
     steps = sorted({check_timesteps(t) for t in timesteps})
     T = steps[-1]
     n = tensors["input_ids"].shape[0]
@@ -132,8 +149,7 @@ def sweep_timesteps(model: SpikingBertForSequenceClassification, task: str, tens
         r = simulate(model, b["input_ids"], b["attention_mask"], b["token_type_ids"], timesteps=T, engine=engine,
                      record=RecordOptions(logits_trace=True))
         trace[:, idx] = r.logits_trace.index_select(0, pick).float()
-    labels = tensors["labels"].numpy()
-    return {t: compute_metrics(task, trace[i].numpy(), labels) for i, t in enumerate(steps)}
+    return {t: trace[i] for i, t in enumerate(steps)}
 
 
 @dataclass
@@ -206,3 +222,62 @@ def adaptive_points_from_reports(reports: Sequence[dict], metric: str) -> dict[s
         label = rep.get("label") or f"{rep.get('weight_mode', '?')} ({rep.get('checkpoint', i + 1)})"
         points[label] = (float(adaptive["mean_timesteps"]), float(adaptive["metrics"][metric]))
     return points
+
+
+# --- eval reports (`spikesim eval --out`) ------------------------------------------------------------
+
+PREDICTION_KINDS = ("spiking", "analog", "adaptive")
+"""Per-example predictions an eval report can hold: at its T, of the analog equilibrium, adaptive."""
+
+
+def read_report(path: str | Path) -> dict:
+    """An eval report (JSON) as a dict; a missing or unreadable file is a :class:`DataError`."""
+    import json
+
+    try:
+        report = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: not a JSON report ({exc})") from None
+    if not isinstance(report, dict):
+        raise DataError(f"{path}: not an eval report (expected a JSON object)")
+    return report
+
+
+def compare_reports(a: dict, b: dict, which_a: str = "spiking", which_b: str | None = None,
+                    names: tuple[str, str] = ("A", "B")) -> dict:
+    """Paired accuracy test (:func:`~spikingbert_sim.metrics.paired_accuracy_test`) of two eval reports
+    scored on the same examples: ``which_a`` / ``which_b`` pick their predictions (``spiking``, at the
+    report's T; ``analog``; ``adaptive``). Raises :class:`DataError` when the reports cannot be paired."""
+    from .data import get_task
+    from .metrics import paired_accuracy_test
+
+    which_b = which_b or which_a
+    picked = []
+    for report, which, name in ((a, which_a, names[0]), (b, which_b, names[1])):
+        if which not in PREDICTION_KINDS:
+            raise ConfigError(f"predictions must be one of {', '.join(PREDICTION_KINDS)}, got {which!r}")
+        preds = report.get("predictions")
+        if not isinstance(preds, dict) or "labels" not in preds:
+            raise DataError(f"{name} holds no per-example predictions (an older report: score it again with "
+                            "`spikesim eval --out`)")
+        if which not in preds:
+            flag = {"analog": " --analog", "adaptive": " --adaptive"}.get(which, "")
+            raise DataError(f"{name} holds no {which} predictions (score it with `spikesim eval{flag} --out`)")
+        picked.append(preds)
+    if a.get("task") != b.get("task") or a.get("split") != b.get("split"):
+        raise DataError(f"{names[0]} scores {a.get('task')} {a.get('split')} but {names[1]} "
+                        f"{b.get('task')} {b.get('split')}: a paired test needs the same examples")
+    info = get_task(a.get("task") or "")
+    if info.is_regression:
+        raise DataError(f"task {info.name} is a regression: the paired test compares class predictions")
+    labels_a, labels_b = picked[0]["labels"], picked[1]["labels"]
+    if labels_a != labels_b:
+        raise DataError(f"{names[0]} and {names[1]} hold different examples ({len(labels_a)} and {len(labels_b)} "
+                        "labels, or another order): a paired test needs the same examples")
+    result = paired_accuracy_test(picked[0][which_a], picked[1][which_b], labels_a)
+    return {"task": info.name, "split": a.get("split"), "a": {"label": a.get("label"), "predictions": which_a,
+            "timesteps": a.get("timesteps")}, "b": {"label": b.get("label"), "predictions": which_b,
+            "timesteps": b.get("timesteps")}, **result}
+

@@ -128,3 +128,50 @@ def compute_metrics(task: str, predictions: ArrayLike, labels: ArrayLike) -> dic
 def main_metric(task: str) -> str:
     """The key of :func:`compute_metrics`'s result to rank checkpoints of ``task`` by."""
     return get_task(task).main_metric
+
+
+# --- comparing two models on the same examples ---------------------------------------------------
+
+def mcnemar_exact(b: int, c: int) -> float:
+    """Two-sided exact McNemar p-value for ``b`` and ``c`` discordant pairs (examples only the first,
+    or only the second, model gets right): under "equally accurate" each discordant pair falls either
+    way with probability 1/2, so ``p = min(1, 2 · P[Binomial(b + c, 1/2) ≤ min(b, c)])``."""
+    b, c = int(b), int(c)
+    if b < 0 or c < 0:
+        raise ValueError(f"discordant counts must be >= 0, got {b} and {c}")
+    n, k = b + c, min(b, c)
+    if n == 0:
+        return 1.0
+    from math import comb
+
+    tail = sum(comb(n, i) for i in range(k + 1)) / 2 ** n  # exact in rationals up to the division
+    return float(min(1.0, 2 * tail))
+
+
+def paired_accuracy_test(predictions_a: ArrayLike, predictions_b: ArrayLike, labels: ArrayLike,
+                         z: float = 1.959963984540054) -> dict[str, float]:
+    """Compare two classifiers' accuracies on the same examples (class ids or logits ``(N, C)``).
+
+    Returns ``accuracy_a``, ``accuracy_b``, their ``difference`` (b − a), its ``ci_low`` / ``ci_high``
+    (Wald interval for paired proportions, ``z`` = 1.96: 95 %), the discordant counts ``a_only`` (a
+    right, b wrong) and ``b_only``, ``disagree`` (examples where the two predictions differ, right or
+    wrong), ``examples`` and McNemar's exact ``p_value`` (:func:`mcnemar_exact`). A difference of a few
+    examples on a dev set of hundreds is seldom significant: this is what says so.
+    """
+    y = np.asarray(labels).reshape(-1)
+    pa, pb = np.asarray(predictions_a), np.asarray(predictions_b)
+    pa = pa.argmax(axis=-1) if pa.ndim == 2 else pa.reshape(-1)
+    pb = pb.argmax(axis=-1) if pb.ndim == 2 else pb.reshape(-1)
+    if not (pa.shape == pb.shape == y.shape):
+        raise ValueError(f"{pa.size} and {pb.size} predictions for {y.size} labels")
+    if y.size == 0:
+        raise ValueError("no predictions to compare")
+    right_a, right_b = pa == y, pb == y
+    b = int(np.sum(right_a & ~right_b))
+    c = int(np.sum(~right_a & right_b))
+    n = y.size
+    diff = (c - b) / n
+    se = np.sqrt(max(b + c - (c - b) ** 2 / n, 0.0)) / n
+    return {"examples": int(n), "accuracy_a": float(right_a.mean()), "accuracy_b": float(right_b.mean()),
+            "difference": float(diff), "ci_low": float(diff - z * se), "ci_high": float(diff + z * se),
+            "a_only": b, "b_only": c, "disagree": int(np.sum(pa != pb)), "p_value": mcnemar_exact(b, c)}

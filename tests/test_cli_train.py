@@ -177,7 +177,11 @@ def test_train_then_eval_and_run_the_checkpoint(assets, tmp_path):
     for point in report["sweep"]:
         single = invoke("eval", "-c", out / "best.pt", "--task", "sst2", "--data", assets["data"],
                         "-T", point["timesteps"], "--json")
-        assert json.loads(single.output[single.output.index("{"):])["metrics"] == point["metrics"]
+        single = json.loads(single.output[single.output.index("{"):])
+        assert single["metrics"] == point["metrics"]
+        if point["timesteps"] == 4:  # the sweep's predictions at its T are those of a plain T-step eval
+            assert single["predictions"] == {k: v for k, v in report["predictions"].items() if k != "adaptive"}
+    assert len(report["predictions"]["adaptive"]) == 8
     adaptive = report["adaptive"]
     assert 3 <= adaptive["mean_timesteps"] <= 4 and adaptive["max_timesteps"] == 4  # checks from step 3 on
     assert adaptive["criterion"]["window"] == 2 and set(adaptive["metrics"]) == {"accuracy"}
@@ -310,6 +314,16 @@ def test_eval_analog_scores_the_steady_state_network(assets, tmp_path):
     with torch.no_grad():
         logits = steady_state_forward(ckpt.model.eval(), t["input_ids"], t["attention_mask"], t["token_type_ids"]).logits
     assert report["analog"] == compute_metrics("sst2", logits.numpy(), t["labels"].numpy())
+    preds = report["predictions"]  # per example, in the split's order, beside the labels
+    assert preds["analog"] == logits.argmax(-1).tolist() and preds["labels"] == t["labels"].tolist()
+    assert sum(p == y for p, y in zip(preds["spiking"], preds["labels"])) / 8 == report["metrics"]["accuracy"]
+    report_file = tmp_path / "analog.json"
+    report_file.write_text(json.dumps(report))
+    paired = invoke("significance", report_file, report_file, "--which-b", "analog", "--json")
+    assert paired.exit_code == 0, paired.output
+    r = json.loads(paired.output)
+    assert (r["accuracy_a"], r["accuracy_b"]) == (report["metrics"]["accuracy"], report["analog"]["accuracy"])
+    assert r["disagree"] == sum(a != b for a, b in zip(preds["spiking"], preds["analog"]))
     assert set(report["metrics"]) == {"accuracy"}  # the spiking score at T=4 is still reported
     plain = invoke("eval", "-c", out / "last.pt", "--task", "sst2", "--data", assets["data"], "-T", "4", "--analog")
     assert "analog (T -> infinity): accuracy=" in plain.output
@@ -342,3 +356,48 @@ def test_one_run_at_a_time_per_output_folder(assets, tmp_path):
     result = invoke(*train_args(assets, out, "--stage", "finetune"))
     assert result.exit_code == 0, result.output
     assert (out / "last.pt").exists() and not lock_path(out).exists()
+
+
+def _report(path, predictions, labels, task="sst2", split="validation", **extra):
+    report = {"label": Path(path).stem, "task": task, "split": split, "timesteps": 80,
+              "predictions": {"labels": labels, "spiking": predictions, **extra}}
+    Path(path).write_text(json.dumps(report))
+    return path
+
+
+def test_significance_pairs_two_reports_example_by_example(tmp_path):
+    labels = [0, 1] * 50  # 100 examples
+    a = list(labels)
+    b = list(labels)
+    for i in range(9):  # B wrong where A is right on 9, A wrong where B is right on 1: a 8-point gap
+        b[i] = 1 - labels[i]
+    a[50] = 1 - labels[50]
+    a[60] = b[60] = 1 - labels[60]  # both wrong, the same way: not discordant
+    fa, fb = _report(tmp_path / "a.json", a, labels), _report(tmp_path / "b.json", b, labels)
+    out = invoke("significance", fa, fb, "--json")
+    assert out.exit_code == 0, out.output
+    r = json.loads(out.output)
+    assert (r["a_only"], r["b_only"], r["disagree"], r["examples"]) == (9, 1, 10, 100)
+    assert (r["accuracy_a"], r["accuracy_b"]) == (0.98, 0.90)
+    assert r["p_value"] == pytest.approx(0.021484375, abs=1e-12)  # 2 * (1 + 10) / 2**10
+    se = (10 - 64 / 100) ** 0.5 / 100
+    assert r["difference"] == pytest.approx(-0.08) and r["ci_low"] == pytest.approx(-0.08 - 1.959963984540054 * se)
+    text = invoke("significance", fa, fb).output
+    assert "B - A: -8.00 points" in text and "McNemar exact p = 0.0215" in text
+
+    # reports that cannot be paired: one-line errors
+    assert_one_line_error(invoke("significance", fa, _report(tmp_path / "c.json", a[:99], labels[:99])),
+                          "different examples")
+    assert_one_line_error(invoke("significance", fa, _report(tmp_path / "d.json", a, labels, task="rte")),
+                          "the same examples")
+    assert_one_line_error(invoke("significance", fa, fb, "--which", "analog"), "no analog predictions", "--analog")
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"task": "sst2", "split": "validation", "metrics": {"accuracy": 0.9}}))
+    assert_one_line_error(invoke("significance", fa, old), "no per-example predictions")
+    stsb = [0.5, 2.0, 4.5]
+    assert_one_line_error(invoke("significance", _report(tmp_path / "s1.json", stsb, stsb, task="stsb"),
+                                 _report(tmp_path / "s2.json", stsb, stsb, task="stsb")), "regression")
+    assert_one_line_error(invoke("significance", fa, tmp_path / "missing.json"), "no such file")
+    (tmp_path / "junk.json").write_text("{not json")
+    assert_one_line_error(invoke("significance", fa, tmp_path / "junk.json"), "not a JSON report")
+    assert_one_line_error(invoke("significance", fa, fb, "--which", "exact"), code=2)

@@ -113,3 +113,30 @@ def test_main_metric():
     assert main_metric("mrpc") == "combined"
     assert main_metric("sst2") == "accuracy"
     assert main_metric("stsb") == "combined"
+
+
+def test_mcnemar_exact_against_binomial_tails():
+    from spikingbert_sim.metrics import mcnemar_exact
+
+    assert mcnemar_exact(0, 6) == 2 / 64  # all 6 discordant pairs one way
+    assert mcnemar_exact(1, 9) == pytest.approx(22 / 1024, abs=1e-15)
+    assert mcnemar_exact(3, 10) == pytest.approx(2 * (1 + 13 + 78 + 286) / 8192, abs=1e-15)
+    assert mcnemar_exact(10, 3) == mcnemar_exact(3, 10)
+    assert mcnemar_exact(5, 5) == 1.0 and mcnemar_exact(0, 0) == 1.0
+    assert mcnemar_exact(400, 450) < 0.1  # large counts stay exact (integer binomials)
+    with pytest.raises(ValueError):
+        mcnemar_exact(-1, 2)
+
+
+def test_paired_accuracy_test_takes_logits_or_ids():
+    from spikingbert_sim.metrics import paired_accuracy_test
+
+    labels = np.array([0, 1, 1, 0, 1])
+    a = np.array([0, 1, 1, 0, 0])  # 4 right
+    logits_b = np.array([[2.0, 1.0], [0.0, 1.0], [1.0, 0.0], [0.0, 3.0], [0.0, 1.0]])  # ids 0 1 0 1 1: 3 right
+    r = paired_accuracy_test(a, logits_b, labels)
+    assert (r["a_only"], r["b_only"], r["disagree"]) == (2, 1, 3)
+    assert (r["accuracy_a"], r["accuracy_b"], r["difference"]) == (0.8, 0.6, pytest.approx(-0.2))
+    assert r["p_value"] == 1.0  # 2 * P[Bin(3, 1/2) <= 1] = 2 * 4/8
+    with pytest.raises(ValueError, match="predictions for"):
+        paired_accuracy_test(a[:4], a, labels)
