@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from .cli import echo_json, log, positive_int
+from .cli import apply_initial_membrane, echo_json, initial_membrane_option, log, positive_int
 from .simulation import DEFAULT_SETTLE_TOL, ENGINES, RecordOptions
 
 COMMANDS: list[click.Command] = []
@@ -30,11 +30,12 @@ def _resolve_device(device: str) -> str:
     return device
 
 
-def _load(checkpoint: str):
+def _load(checkpoint: str, initial_membrane: float | None = None):
     from .checkpoint import load_checkpoint
     from .hf import load_tokenizer, tokenizer_from_meta
 
     ckpt = load_checkpoint(checkpoint)
+    apply_initial_membrane(ckpt.model, initial_membrane)
     tokenizer = tokenizer_from_meta(ckpt.meta)
     if tokenizer is None:
         tokenizer = load_tokenizer(ckpt.meta.get("tokenizer_path"))
@@ -86,7 +87,7 @@ def input_options(fn):
     ]
     for option in reversed(options):
         fn = option(fn)
-    return fn
+    return initial_membrane_option(fn)
 
 
 def _print_summary(summary: dict, title: str) -> None:
@@ -147,12 +148,12 @@ def draw_run_figures(traces: dict[str, np.ndarray], rasters: dict[str, np.ndarra
 @click.option("--raster-neurons", type=int, default=64, show_default=True, callback=positive_int,
               help="Neurons per raster (the first N).")
 def run(checkpoint, timesteps, texts, task, data, split, limit, engine, batch_size, max_length, device, settle_tol,
-        as_json, out, per_neuron, raster_sites, raster_neurons):
+        initial_membrane, as_json, out, per_neuron, raster_sites, raster_neurons):
     """Simulate a spiking checkpoint for T time steps and report predictions and layer ASRs."""
     from .runner import atomic_write_text, save_traces, simulate_inputs, summarize
 
     device = _resolve_device(device)
-    ckpt, tokenizer = _load(checkpoint)
+    ckpt, tokenizer = _load(checkpoint, initial_membrane)
     model = ckpt.model
     inputs = _inputs(model, texts, task, data, split, limit)
     sites = set(model.site_names())
@@ -297,7 +298,7 @@ def average(checkpoints, weights, out, force):
 @input_options
 @click.option("--out", type=click.Path(file_okay=False), help="Folder for fig2b.png, compare.json and traces_<i>.npz.")
 def compare(checkpoints, timesteps, texts, task, data, split, limit, engine, batch_size, max_length, device,
-            settle_tol, as_json, out):
+            settle_tol, initial_membrane, as_json, out):
     """Compare two models' spiking activity on the same inputs (Fig. 2b and the spike-count ratio)."""
     import matplotlib.pyplot as plt
 
@@ -307,7 +308,7 @@ def compare(checkpoints, timesteps, texts, task, data, split, limit, engine, bat
     if len(checkpoints) != 2:
         raise click.UsageError(f"give --checkpoint exactly twice, got {len(checkpoints)}")
     device = _resolve_device(device)
-    loaded = [_load(c) for c in checkpoints]
+    loaded = [_load(c, initial_membrane) for c in checkpoints]
     models = [c.model for c, _ in loaded]
     if models[0].config.vocab_size != models[1].config.vocab_size:
         raise click.UsageError("the two checkpoints have different vocabularies")
@@ -414,7 +415,7 @@ def _plot_sweeps(paths: list[str], target: Path, metric: str | None = None) -> P
               help="Checkpoint; give a second one (full precision first) to get the activity ratio.")
 @input_options
 def energy(checkpoints, timesteps, texts, task, data, split, limit, engine, batch_size, max_length, device,
-           settle_tol, as_json):
+           settle_tol, initial_membrane, as_json):
     """Spikes, synaptic operations, normalized OPS and a 45 nm energy estimate against the dense BERT."""
     from .energy import energy_report
 
@@ -426,7 +427,7 @@ def energy(checkpoints, timesteps, texts, task, data, split, limit, engine, batc
     reports = []
     inputs = None
     for path in checkpoints:
-        ckpt, tokenizer = _load(path)
+        ckpt, tokenizer = _load(path, initial_membrane)
         if inputs is None:
             inputs = _inputs(ckpt.model, texts, task, data, split, limit)
         r = simulate_inputs(ckpt.model, tokenizer, inputs, timesteps, engine=engine, batch_size=batch_size,

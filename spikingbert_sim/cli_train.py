@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from .cli import echo_json, log, positive_int
+from .cli import apply_initial_membrane, echo_json, initial_membrane_option, log, positive_int
 
 COMMANDS: list[click.Command] = []
 
@@ -250,13 +250,14 @@ def _predictions(info, logits) -> list:
 @click.option("--analog", is_flag=True,
               help="Also score the analog equilibrium (T -> infinity, every neuron at its steady-state rate): "
                    "the rate network the simulation approaches and --method steady_state trains.")
+@initial_membrane_option
 @click.option("--label", default=None, help="Name of this model in reports and figures [default: from the checkpoint].")
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="Also write the JSON report to this file (atomically); `spikesim plot` draws its sweep.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def evaluate(checkpoint, task, data_dir, split, timesteps, sweep, adaptive, adaptive_window, adaptive_asr_tol,
              adaptive_value_tol, adaptive_min_steps, adaptive_check_every, adaptive_batch_size, limit, batch_size,
-             max_length, engine, device, analog, label, out, as_json):
+             max_length, engine, device, analog, initial_membrane, label, out, as_json):
     """Score a spiking checkpoint on a GLUE split with T-step spiking simulation.
 
     With --sweep, the metric at every listed T (accuracy versus time steps); with --adaptive, the
@@ -280,7 +281,7 @@ def evaluate(checkpoint, task, data_dir, split, timesteps, sweep, adaptive, adap
                                 adaptive_check_every) if adaptive else None
     info = get_task(task)
     ckpt = load_checkpoint(checkpoint)
-    model = ckpt.model
+    model = apply_initial_membrane(ckpt.model, initial_membrane)
     if model.config.num_labels != info.num_labels:
         raise ConfigError(f"{checkpoint} has a {model.config.num_labels}-label head but task {info.name} "
                           f"needs {info.num_labels}")
@@ -301,6 +302,7 @@ def evaluate(checkpoint, task, data_dir, split, timesteps, sweep, adaptive, adap
     report = {"checkpoint": str(checkpoint), "label": label or Path(checkpoint).stem, "task": info.name,
               "split": split_data.split, "examples": len(split_data), "timesteps": timesteps,
               "weight_mode": model.config.weight_mode, "main_metric": info.main_metric,
+              "initial_membrane": model.config.initial_membrane,
               # where it ran: float32 sums in another order (another thread count or device) can move a
               # membrane that sits on its threshold across it, which flips a sentence now and then
               "device": str(dev), "threads": torch.get_num_threads(), "torch": torch.__version__}

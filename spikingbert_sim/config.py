@@ -35,6 +35,9 @@ class SpikingBertConfig:
     weight_mode: str = "fp"  # precision of encoder projections: fp | binary | ternary
     threshold: float = 1.0  # V_th, firing threshold of every neuron
     leak: float = 1.0  # γ, membrane leak; 1.0 is integrate-and-fire (SpikingBERT's choice)
+    # U[0] as a fraction of V_th; 0 (the paper's) makes a T-step rate floor(T·I/V_th)/T, 0.5 rounds
+    # instead: half the worst-case error of a finite simulation and no bias (Bu et al. 2022)
+    initial_membrane: float = 0.0
     feedback: bool = False  # optional feedback connection from the last layer to the input layer
     quant_eps: float = 1e-5  # ε in the 1.58-bit quantizer's RoundClip(W / (γ_w + ε))
     label_names: tuple[str, ...] = field(default_factory=tuple)  # optional class names of the head
@@ -51,7 +54,7 @@ class SpikingBertConfig:
             positive_int(name)
         # Type checks first, so that a string or None (e.g. from a JSON config) gets an error that
         # names the field instead of a TypeError from the range comparisons below.
-        for name in ("threshold", "leak", "layer_norm_eps", "quant_eps"):
+        for name in ("threshold", "leak", "initial_membrane", "layer_norm_eps", "quant_eps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise ConfigError(f"{name} must be a number, got {value!r}")
@@ -69,6 +72,9 @@ class SpikingBertConfig:
             raise ConfigError(f"threshold must be > 0, got {self.threshold!r}")
         if not 0 < self.leak <= 1:
             raise ConfigError(f"leak must be in (0, 1], got {self.leak!r}")
+        if not 0 <= self.initial_membrane < 1:
+            raise ConfigError(f"initial_membrane must be in [0, 1) (a fraction of the threshold), "
+                              f"got {self.initial_membrane!r}")
         if not self.layer_norm_eps > 0:
             raise ConfigError(f"layer_norm_eps must be > 0, got {self.layer_norm_eps!r}")
         if not self.quant_eps > 0:
@@ -95,6 +101,8 @@ class SpikingBertConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["label_names"] = list(self.label_names)
+        if d["initial_membrane"] == 0.0:  # the default: files stay readable by versions without the field
+            del d["initial_membrane"]
         return d
 
     @classmethod

@@ -50,6 +50,7 @@ from torch import Tensor, nn
 from . import kernels, native
 from .errors import ConfigError
 from .model import INPUT_SITE, SpikingBertForSequenceClassification, SpikingEncoderLayer
+from .neurons import initial_membrane
 from .quantization import QuantLinear
 
 BACKENDS = ("auto", "torch", "fused")
@@ -366,7 +367,7 @@ class _TorchRun:
     def __init__(self, model, embedded: Tensor, mask_bias: Tensor, timesteps: int, recorder) -> None:
         self.model, self.embedded, self.mask_bias, self.recorder = model, embedded, mask_bias, recorder
         cfg = model.config
-        self.threshold, self.leak = cfg.threshold, cfg.leak
+        self.threshold, self.leak, self.initial_membrane = cfg.threshold, cfg.leak, cfg.initial_membrane
         self.output_site = model.output_site
         self.mems: dict[str, Tensor] = {}
         dt, dev = embedded.dtype, embedded.device
@@ -391,7 +392,8 @@ class _TorchRun:
             self.lay_kt = native.head_layout(B, L, H, dh, transposed=True)
             self.valid = None if recorder.all_valid else recorder.mask.reshape(-1)
             self.state = {s: kernels.ScanState(self.R, model.site_width(s), timesteps, dev, dt,
-                                               stats=s not in full, counts_dtype=torch.int64)
+                                               stats=s not in full, counts_dtype=torch.int64,
+                                               initial=cfg.initial_membrane * cfg.threshold)
                           for s in model.site_names()}
         self.done = 0
 
@@ -428,7 +430,9 @@ class _TorchRun:
                                                     head_outs, summed, bits, floats)
         else:
             key = "+".join(sites)
-            spikes, self.mems[key] = kernels.scan_torch(current, self.threshold, self.leak, self.mems.get(key))
+            if key not in self.mems:
+                self.mems[key] = initial_membrane(current[0], self.threshold, self.initial_membrane)
+            spikes, self.mems[key] = kernels.scan_torch(current, self.threshold, self.leak, self.mems[key])
             low = None
         rec = self.recorder
         hook = getattr(rec, "on_spikes", None)
@@ -659,7 +663,8 @@ class _FusedRun:
         opts = recorder.options
         self.full_record = set(model.site_names()) & recorder.per_neuron_sites if opts.per_neuron else set()
         self.states = {s: kernels.ScanState(self.R, model.site_width(s), timesteps, self.dev,
-                                            stats=s not in self.full_record)
+                                            stats=s not in self.full_record,
+                                            initial=cfg.initial_membrane * cfg.threshold)
                        for s in model.site_names()}
 
     def fire(self, site: str, current: Tensor, t0: int, t: int, out_dtype=None, **epilogue) -> Tensor:

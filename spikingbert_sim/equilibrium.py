@@ -60,7 +60,7 @@ from torch import Tensor
 
 from .errors import ConfigError
 from .model import SpikingBertForSequenceClassification, attention_mask_bias
-from .neurons import SubtractResetLIF, asr_weights, if_scan, steady_state
+from .neurons import SubtractResetLIF, asr_weights, if_scan, initial_membrane, steady_state
 from .solvers import SolverStats, get_solver
 
 METHODS = ("equilibrium", "steady_state", "bptt")
@@ -142,7 +142,8 @@ def measure_stepwise(model: SpikingBertForSequenceClassification, embedded: Tens
     def fire(site: str, current: Tensor) -> Tensor:
         if current.dim() == embedded.dim():  # a constant or one-step input current: (B, L, D)
             current = current.expand(steps, *current.shape)  # (C, B, L, D)
-        spikes, mems[site] = if_scan(current, threshold, leak, mems.get(site))  # (C, B, L, W)
+        mem = mems[site] if site in mems else initial_membrane(current[0], threshold, cfg.initial_membrane)
+        spikes, mems[site] = if_scan(current, threshold, leak, mem)  # (C, B, L, W)
         if leak == 1.0:
             total = spikes.sum(0)
             acc[site] = total if site not in acc else acc[site] + total
@@ -400,7 +401,9 @@ def bptt_forward(model: SpikingBertForSequenceClassification, input_ids: Tensor,
 
     def fire(site: str, current: Tensor) -> Tensor:
         mem = mems.get(site)
-        spike, mems[site] = neuron(current, torch.zeros_like(current) if mem is None else mem)
+        if mem is None:
+            mem = initial_membrane(current, cfg.threshold, cfg.initial_membrane)
+        spike, mems[site] = neuron(current, mem)
         if site in keep:
             acc[site] = spike if site not in acc else leak * acc[site] + spike
         return spike

@@ -138,14 +138,14 @@ def scan_torch(current: Tensor, threshold: float = 1.0, leak: float = 1.0,
 class ScanState:
     """State of one spiking site between time chunks of a scan.
 
-    mem: (R, W) membrane; weighted: (R, W) ASR numerator Σ γ^{t-τ} s[τ] (or None: not tracked);
+    mem: (R, W) membrane (``initial`` everywhere at the start); weighted: (R, W) ASR numerator Σ γ^{t-τ} s[τ] (or None: not tracked);
     counts: (T,) spikes of valid tokens per step (or None), int32 (the Triton scan) or int64 (the
     compiled CPU scan).
     """
 
     def __init__(self, rows: int, width: int, timesteps: int, device, dtype=torch.float32,
-                 stats: bool = True, counts_dtype: torch.dtype = torch.int32) -> None:
-        self.mem = torch.zeros(rows, width, device=device, dtype=dtype)
+                 stats: bool = True, counts_dtype: torch.dtype = torch.int32, initial: float = 0.0) -> None:
+        self.mem = torch.full((rows, width), initial, device=device, dtype=dtype)  # U[0]
         self.weighted = torch.zeros(rows, width, device=device, dtype=dtype) if stats else None
         self.counts = torch.zeros(timesteps, device=device, dtype=counts_dtype) if stats else None
 

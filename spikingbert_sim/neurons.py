@@ -37,6 +37,13 @@ import torch
 from torch import Tensor
 
 
+def initial_membrane(like: Tensor, threshold: float = 1.0, fraction: float = 0.0) -> Tensor:
+    """U[0] shaped like ``like``: ``fraction · V_th`` everywhere (zeros by default)."""
+    if fraction == 0.0:
+        return torch.zeros_like(like)
+    return torch.full_like(like, fraction * threshold)
+
+
 def if_step(current: Tensor, mem: Tensor, threshold: float = 1.0, leak: float = 1.0) -> tuple[Tensor, Tensor]:
     """One time step of the subtract-reset LIF neuron. Returns ``(spike, new_membrane)``."""
     mem = leak * mem + current

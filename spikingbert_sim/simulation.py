@@ -26,7 +26,7 @@ from torch import Tensor
 
 from .errors import ConfigError
 from .model import SpikingBertForSequenceClassification, attention_mask_bias
-from .neurons import SubtractResetLIF, asr_weights
+from .neurons import SubtractResetLIF, asr_weights, initial_membrane
 
 ENGINES = ("reference", "fast")
 DEFAULT_SETTLE_TOL = 0.01
@@ -335,7 +335,9 @@ def _run_reference(model: SpikingBertForSequenceClassification, embedded: Tensor
 
     def fire(site: str, current: Tensor) -> Tensor:
         mem = mems.get(site)
-        spike, mems[site] = neurons[site](current, torch.zeros_like(current) if mem is None else mem)
+        if mem is None:
+            mem = initial_membrane(current, cfg.threshold, cfg.initial_membrane)
+        spike, mems[site] = neurons[site](current, mem)
         recorder.step(site, spike)
         return spike
 

@@ -401,3 +401,35 @@ def test_significance_pairs_two_reports_example_by_example(tmp_path):
     (tmp_path / "junk.json").write_text("{not json")
     assert_one_line_error(invoke("significance", fa, tmp_path / "junk.json"), "not a JSON report")
     assert_one_line_error(invoke("significance", fa, fb, "--which", "exact"), code=2)
+
+
+def test_initial_membrane_option_of_eval_and_run(assets, tmp_path):
+    from spikingbert_sim.checkpoint import load_checkpoint
+    from spikingbert_sim.data import GlueDataset, load_glue
+    from spikingbert_sim.hf import tokenizer_from_meta
+    from spikingbert_sim.trainer import evaluate_student
+
+    out = tmp_path / "student"
+    assert invoke(*train_args(assets, out, "--stage", "finetune")).exit_code == 0
+    scored = invoke("eval", "-c", out / "last.pt", "--task", "sst2", "--data", assets["data"], "-T", "4",
+                    "--initial-membrane", "0.5", "--json")
+    assert scored.exit_code == 0, scored.output
+    report = json.loads(scored.output[scored.output.index("{"):])
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt.model.config.initial_membrane == 0.0 and report["initial_membrane"] == 0.5
+    model = ckpt.model
+    model.config = model.config.replace(initial_membrane=0.5)
+    t = GlueDataset.from_split(load_glue("sst2", "dev", assets["data"]), tokenizer_from_meta(ckpt.meta)).tensors
+    metrics, logits = evaluate_student(model, "sst2", t, 4, 32, "cpu")
+    assert report["metrics"] == metrics and report["predictions"]["spiking"] == logits.argmax(-1).tolist()
+
+    def layers(*extra):
+        ran = invoke("run", "-c", out / "last.pt", "--text", "a good film", "-T", "4", "--json", *extra)
+        assert ran.exit_code == 0, ran.output
+        return json.loads(ran.output)["layers"]
+
+    # from half threshold every neuron with any input fires sooner: more spikes in 4 steps
+    rest, half = layers(), layers("--initial-membrane", "0.5")
+    assert sum(r["final_asr"] for r in half.values()) > sum(r["final_asr"] for r in rest.values())
+    assert_one_line_error(invoke("eval", "-c", out / "last.pt", "--task", "sst2", "--data", assets["data"],
+                                 "--initial-membrane", "1"), "--initial-membrane", code=2)

@@ -15,7 +15,7 @@ TINY = dict(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_he
     ("intermediate_size", True), ("max_position_embeddings", "512"), ("type_vocab_size", 0),
     ("num_labels", 0), ("weight_mode", "int4"), ("threshold", 0.0), ("threshold", -1.0),
     ("leak", 0.0), ("leak", 1.5), ("layer_norm_eps", 0.0), ("quant_eps", -1e-5), ("pad_token_id", 40),
-    ("pad_token_id", -1),
+    ("pad_token_id", -1), ("initial_membrane", -0.1), ("initial_membrane", 1.0), ("initial_membrane", "half"),
 ])
 def test_invalid_field_raises_config_error_naming_it(field, value):
     with pytest.raises(ConfigError) as info:
@@ -100,3 +100,11 @@ def test_wrong_types_raise_config_error_naming_the_field(field, value):
     assert field in str(info.value)
     with pytest.raises(ConfigError, match=field):
         SpikingBertConfig.from_dict({**TINY, field: value})
+
+
+def test_initial_membrane_round_trips_and_its_default_is_left_out_of_files():
+    half = SpikingBertConfig(**TINY, initial_membrane=0.5)
+    assert SpikingBertConfig.from_json(half.to_json()) == half
+    plain = SpikingBertConfig(**TINY).to_dict()
+    assert "initial_membrane" not in plain  # files stay readable by versions without the field
+    assert SpikingBertConfig.from_dict(plain).initial_membrane == 0.0

@@ -77,7 +77,9 @@ def test_engine_options_are_validated():
 # --- torch backend: chunked == unchunked == reference ------------------------------------------------
 
 @pytest.mark.parametrize("mode, overrides", [("fp", {}), ("binary", {}), ("ternary", {}),
-                                             ("ternary", dict(leak=0.9, threshold=0.7))])
+                                             ("ternary", dict(leak=0.9, threshold=0.7)),
+                                             ("binary", dict(initial_membrane=0.5)),
+                                             ("fp", dict(initial_membrane=0.3, threshold=0.7))])
 def test_chunked_simulation_equals_unchunked_and_reference_bitwise(make_model, batch, mode, overrides):
     model = make_model(mode, **overrides).double()
     ids, mask = batch

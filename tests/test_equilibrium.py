@@ -18,11 +18,11 @@ from spikingbert_sim.solvers import SOLVERS
 
 
 def tiny_model(dtype=torch.float32, feedback=False, mode="fp", seed=0, scale=8.0, threshold=1.0, leak=1.0,
-               feedback_std=None):
+               feedback_std=None, initial_membrane=0.0):
     torch.manual_seed(seed)
     cfg = SpikingBertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                             intermediate_size=32, max_position_embeddings=16, weight_mode=mode, feedback=feedback,
-                            threshold=threshold, leak=leak)
+                            threshold=threshold, leak=leak, initial_membrane=initial_membrane)
     model = SpikingBertForSequenceClassification(cfg).to(dtype)
     with torch.no_grad():  # larger weights than BERT's 0.02 so that neurons fire at varied rates
         for name, p in model.named_parameters():
@@ -69,9 +69,9 @@ def grads(model):
 # --- measurement and forward value ---------------------------------------------------------------
 
 @pytest.mark.parametrize("mode", ["fp", "ternary", "binary"])
-@pytest.mark.parametrize("leak", [1.0, 0.9])
-def test_measured_asr_equals_fast_simulation_bitwise(mode, leak):
-    model = tiny_model(mode=mode, leak=leak)
+@pytest.mark.parametrize("leak, init", [(1.0, 0.0), (0.9, 0.0), (1.0, 0.5)])
+def test_measured_asr_equals_fast_simulation_bitwise(mode, leak, init):
+    model = tiny_model(mode=mode, leak=leak, initial_membrane=init)
     batch = tiny_batch()
     ref = simulate(model, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], timesteps=10)
     with torch.no_grad():

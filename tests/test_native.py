@@ -429,7 +429,8 @@ def test_build_is_cached_and_written_once(monkeypatch, tmp_path):
 @pytest.mark.parametrize("mode, overrides, padded, dtype", [
     ("fp", {}, True, torch.float64), ("ternary", {}, True, torch.float64),
     ("binary", dict(leak=0.9, threshold=0.7), True, torch.float64), ("ternary", {}, False, torch.float64),
-    ("ternary", {}, True, torch.float32), ("binary", {}, False, torch.float32)])
+    ("ternary", {}, True, torch.float32), ("binary", {}, False, torch.float32),
+    ("ternary", dict(initial_membrane=0.5), True, torch.float64)])
 @pytest.mark.parametrize("product", ["float", "bf16", "accumulate"])  # the CPU's exact products
 def test_engine_with_and_without_the_compiled_scan_equals_the_reference(make_model, batch, monkeypatch,
                                                                         mode, overrides, padded, dtype, product):

@@ -203,3 +203,23 @@ def test_subtract_reset_lif_equals_if_step_in_float32():
         s_s, mem_s = if_step(currents[t], mem_s, 0.7, 0.9)
         assert s_n.dtype == mem_n.dtype == torch.float32
         assert torch.equal(s_n, s_s) and torch.equal(mem_n, mem_s)
+
+
+def test_initial_membrane_at_half_threshold_rounds_the_rate_instead_of_flooring_it():
+    from spikingbert_sim.neurons import if_scan, initial_membrane
+
+    T, threshold = 10, 0.8
+    currents = torch.linspace(0.0, 0.8, 81, dtype=torch.float64)  # I / V_th from 0 to 1
+    drive = currents.expand(T, -1)
+    floor, _ = if_scan(drive, threshold, 1.0, initial_membrane(currents, threshold, 0.0))
+    rounded, _ = if_scan(drive, threshold, 1.0, initial_membrane(currents, threshold, 0.5))
+    exact = T * currents / threshold  # spikes an infinitely fine simulation would average to
+    # U[0] = 0: count = ceil(T·I/V_th) - 1 (H(0) = 0), always below by up to one spike
+    assert torch.all(floor.sum(0) <= exact + 1e-9) and torch.all(exact - floor.sum(0) <= 1 + 1e-9)
+    # U[0] = V_th/2: within half a spike either way (T·I/V_th + 1/2 crossing rounds)
+    assert torch.all((rounded.sum(0) - exact).abs() <= 0.5 + 1e-9)
+    i = 26  # I = 0.26, I/V_th = 0.325: 3.25 spikes' worth
+    assert (floor[:, i].sum(), rounded[:, i].sum()) == (3, 3)
+    i = 30  # I/V_th = 0.375: 3.75 -> 3 from rest, 4 from half threshold
+    assert (floor[:, i].sum(), rounded[:, i].sum()) == (3, 4)
+    assert torch.equal(initial_membrane(currents, threshold, 0.5), torch.full_like(currents, 0.4))
