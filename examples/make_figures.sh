@@ -35,6 +35,19 @@ if ls "${reports[@]}" >/dev/null 2>&1; then
   spikesim plot "${reports[@]}" --out "$work/sweep" >/dev/null
   cp "$work/sweep/accuracy_vs_timesteps.png" figures/accuracy_vs_timesteps.png
 fi
+# the same students with every membrane starting at V_th/2 (--initial-membrane 0.5) beside the shipped curves
+half=(results/sst2/sweep-fp-half.json results/sst2/sweep-1.58bit-half.json results/sst2/sweep-1bit-half.json)
+if [ "${SWEEP:-0}" = 1 ]; then
+  for name in "${students[@]}"; do
+    spikesim eval --checkpoint "checkpoints/sst2-$name.pt" --task sst2 --data "$DATA" --timesteps 80 \
+        --sweep 1,2,4,8,12,16,24,32,48,64,80,96,128 --adaptive --initial-membrane 0.5 --label "$name-half" \
+        --out "results/sst2/sweep-$name-half.json" >/dev/null
+  done
+fi
+if ls "${reports[@]}" "${half[@]}" >/dev/null 2>&1; then
+  spikesim plot "${reports[@]}" "${half[@]}" --out "$work/half" >/dev/null
+  cp "$work/half/accuracy_vs_timesteps.png" figures/accuracy_vs_timesteps_initial_membrane.png
+fi
 # MRPC accuracy vs T of the transfer-set students (reports made by examples/reproduce_mrpc.sh's students and
 # the eval command in the README's MRPC section), in accuracy: its main metric averages accuracy and F1
 mrpc=(results/mrpc/sweep-fp-t.json results/mrpc/sweep-1.58bit-t.json results/mrpc/sweep-1bit-t.json)

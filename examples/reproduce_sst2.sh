@@ -228,8 +228,8 @@ spikesim train "${cont[@]}" --teacher "$TE" --weights fp --seed 44 --lr 3e-4 --s
 #     short schedule with a second data order (seed 43; OMP_NUM_THREADS=1, two jobs side by side, 1.5-2.1 s/step, 45 min
 #     each with the evaluations): dev at T = 80 83.0 / 83.6 (1-bit) and 81.7 / 82.2 (1.58-bit) after the KD / soft-label
 #     steps, analog 83.6 and 82.8 (results/sst2/{binary,ternary}-p-*, analog-*-p-pred-validation.json)
-sibling() {  # WEIGHTS INIT NAME LR SEED: step 21's short schedule from INIT, then the analog dev of its last checkpoint
-  quantize $1 "$2" $3 300 900 900 --save-every 100 --log-every 100 --lr $4 --seed $5
+sibling() {  # WEIGHTS INIT NAME LR SEED [more train options]: step 21's short schedule from INIT, then the analog dev of its last checkpoint
+  quantize $1 "$2" $3 300 900 900 --save-every 100 --log-every 100 --lr $4 --seed $5 "${@:6}"
   spikesim eval -c "$R/sst2/$3-pred/last.pt" --task sst2 --data "$G" -T 1 --analog --out "results/sst2/analog-$3-pred-validation.json"
 }
 for w in binary ternary; do
@@ -289,3 +289,56 @@ sweep "$R/sst2/ternary-soup11.pt" 1.58bit-soup11
 #     the training itself lost 2-3 points of the average's 84.9, as step 24's analog side did
 sibling ternary checkpoints/sst2-1bit.pt ternary-s 3e-4 42
 sibling ternary checkpoints/sst2-1bit.pt ternary-u 1e-4 42
+# 27. (experiment, not shipped) the full-precision spiking student as the teacher of its quantized students (as TernaryBERT
+#     and BinaryBERT distil from the model they quantize): --teacher checkpoints/sst2-fp.pt (after common's MiniLM one,
+#     so it wins) supplies both stages' targets at its analog equilibrium, layer for layer; otherwise step 21's runs
+#     (seed 42, lr 3e-4; OMP_NUM_THREADS=1, two jobs side by side, 38-39 min each; results/sst2/{binary,ternary}-v-*):
+#     dev at T = 80 after the KD / soft-label steps 84.3 / 84.3 (1-bit) and 83.9 / 83.0 (1.58-bit), analog 84.75 and
+#     84.1, against step 21's 84.1 / 84.4 and 83.7 / 84.3: no better a teacher (step 28's paired tests: p = 1 and 0.11)
+for w in binary ternary; do
+  sibling $w checkpoints/sst2-fp.pt $w-v 3e-4 42 --teacher checkpoints/sst2-fp.pt
+done
+#     and the shipped averages with these runs' two checkpoints each as more members (11 and 9): 84.86 and 83.8 at
+#     T = 80 (shipped: 84.86 and 84.4), analog 85.4 and 84.75
+mapfile -t bmv < <(members binary v-kd v-pred)
+mapfile -t tmv < <(members ternary v-kd v-pred)
+spikesim average "${bm[@]}" "${bmv[@]}" --force --out "$R/sst2/binary-soup11v.pt"
+spikesim average "${tm[@]}" "${tmv[@]}" --force --out "$R/sst2/ternary-soup9v.pt"
+for n in binary-soup11v ternary-soup9v; do
+  spikesim eval -c "$R/sst2/$n.pt" --task sst2 --data "$G" -T 1 --analog --out "results/sst2/analog-$n.json"
+  spikesim eval -c "$R/sst2/$n.pt" --task sst2 --data "$G" -T 80 --out "results/sst2/eval-$n.json"
+done
+# 28. per-example predictions (T = 80 and analog) for paired comparisons by `spikesim significance` (one thread,
+#     ~3 min each; results/sst2/eval-*.json): the shipped students, the files shipped before step 23 (git show
+#     7ab9868:checkpoints/sst2-NAME.pt), and step 21's and step 27's 1-bit and 1.58-bit runs
+ev() {  # CHECKPOINT NAME
+  spikesim eval -c "$1" --task sst2 --data "$G" -T 80 --analog --label "$2" --out "results/sst2/eval-$2.json"
+}
+mkdir -p "$R/old"
+for n in 1bit 1.58bit; do
+  git show "7ab9868:checkpoints/sst2-$n.pt" > "$R/old/sst2-$n-7ab9868.pt"
+  ev checkpoints/sst2-$n.pt $n
+  ev "$R/old/sst2-$n-7ab9868.pt" $n-7ab9868
+done
+ev checkpoints/sst2-fp.pt fp
+for w in binary ternary; do for run in k v; do ev "$R/sst2/$w-$run-pred/last.pt" $w-$run-pred; done; done
+spikesim significance results/sst2/eval-1bit-7ab9868.json results/sst2/eval-1bit.json
+spikesim significance results/sst2/eval-1bit.json results/sst2/eval-1bit.json --which-b analog
+# 29. the shipped students with every membrane starting at V_th/2 (--initial-membrane 0.5; no training): the sweep
+#     command, one thread, 6-16 min (results/sst2/sweep-NAME-half.json): 1-bit 84.7 / 85.3 / 85.0 at T = 8 / 16 / 80,
+#     1.58-bit 83.1 / 84.1 / 84.3, fp 81.0 / 82.6 / 85.1 (from rest: 53.0 / 81.9 / 84.9, 49.1 / 68.3 / 84.4,
+#     60.7 / 79.7 / 86.6); then the T = 16 reports for the paired tests and the energy at T = 16
+for n in 1bit 1.58bit fp; do
+  spikesim eval --checkpoint checkpoints/sst2-$n.pt --task sst2 --data "$G" --timesteps 80 \
+      --sweep 1,2,4,8,12,16,24,32,48,64,80,96,128 --adaptive --initial-membrane 0.5 --label $n-half \
+      --out results/sst2/sweep-$n-half.json
+done
+for n in 1bit 1.58bit fp; do
+  spikesim eval -c checkpoints/sst2-$n.pt --task sst2 --data "$G" -T 16 --initial-membrane 0.5 --label $n-half-T16 \
+      --out results/sst2/eval-$n-half-T16.json
+  spikesim significance results/sst2/eval-$n.json results/sst2/eval-$n-half-T16.json
+done
+for n in 1bit 1.58bit; do
+  spikesim energy --checkpoint checkpoints/sst2-fp.pt --checkpoint checkpoints/sst2-$n.pt --task sst2 --data "$G" \
+      --limit 128 --timesteps 16 --initial-membrane 0.5 --json > results/sst2/energy-fp-vs-$n-half-T16.json
+done
