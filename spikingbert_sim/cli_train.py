@@ -117,8 +117,8 @@ def _layer_map(ctx, param, value):
 @click.option("--lr", type=float, default=5e-5, show_default=True, help="Peak learning rate of every stage (AdamW).")
 @click.option("--init", default="teacher", show_default=True,
               help="Student initialisation: teacher (copy the teacher layers each student layer is matched "
-                   "to; a spiking teacher: the whole of it), random, or a spiking checkpoint (packed quantized weights continue from latent "
-                   "weights that quantize back to them).")
+                   "to; a spiking teacher: the whole of it), random, or a spiking checkpoint (packed quantized "
+                   "weights continue from latent weights that quantize back to them).")
 @click.option("--layers", type=int, default=4, show_default=True, callback=positive_int,
               help="Student encoder layers.")
 @click.option("--method", type=click.Choice(["equilibrium", "steady_state", "bptt"]), default="equilibrium",

@@ -138,7 +138,8 @@ def scan_torch(current: Tensor, threshold: float = 1.0, leak: float = 1.0,
 class ScanState:
     """State of one spiking site between time chunks of a scan.
 
-    mem: (R, W) membrane (``initial`` everywhere at the start); weighted: (R, W) ASR numerator Σ γ^{t-τ} s[τ] (or None: not tracked);
+    mem: (R, W) membrane (``initial`` everywhere at the start); weighted: (R, W) ASR numerator
+    Σ γ^{t-τ} s[τ] (or None: not tracked);
     counts: (T,) spikes of valid tokens per step (or None), int32 (the Triton scan) or int64 (the
     compiled CPU scan).
     """

@@ -163,7 +163,7 @@ class TrainConfig:
     task: str  # GLUE task
     out: str  # output folder (metrics.jsonl, last.pt, best.pt)
     data_dir: str | None = None  # classic GLUE folder; None: the datasets hub
-    teacher: str | None = None  # fine-tuned BERT folder or spiking checkpoint (needed for kd / predict, --init teacher)
+    teacher: str | None = None  # BERT folder or spiking checkpoint (needed for kd / predict, --init teacher)
     weights: str = "fp"  # student precision: fp | binary | ternary
     timesteps: int = 16  # T simulated per training step
     stage: str = "all"  # kd | predict | finetune | all

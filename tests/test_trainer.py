@@ -334,7 +334,8 @@ def test_spiking_checkpoint_as_teacher(assets, tmp_path):
                                batch["token_type_ids"], sites=[INPUT_SITE, "layer.0.output", "layer.1.output"],
                                attention_scores=True)
     assert len(t.hidden_states) == 3
-    assert torch.equal(t.hidden_states[0], ref.asr[INPUT_SITE]) and torch.equal(t.hidden_states[2], ref.asr["layer.1.output"])
+    assert torch.equal(t.hidden_states[0], ref.asr[INPUT_SITE])
+    assert torch.equal(t.hidden_states[2], ref.asr["layer.1.output"])
     assert torch.equal(t.attention_scores[1], ref.attention_scores["layer.1.attention_scores"])
     assert torch.equal(t.logits, ref.logits)
     assert 0.0 < float(t.hidden_states[1].mean()) < 1.0  # rates, not LayerNorm outputs
@@ -344,13 +345,15 @@ def test_spiking_checkpoint_as_teacher(assets, tmp_path):
                                        t.attention_scores)
     assert float(loss.total.detach()) == 0.0  # the same network, identity projections
 
-    # Training at the analog equilibrium (the teacher's): an fp copy of the teacher starts at zero kd loss and, at a negligible rate, stays there;
-    # a ternary copy starts from the teacher's weights ternarized and pays their quantization error.
+    # Training at the analog equilibrium (the teacher's): an fp copy of the teacher starts at zero kd loss
+    # and, at a negligible rate, stays there; a ternary copy starts from the teacher's weights ternarized
+    # and pays their quantization error.
     out = tmp_path / "fp-copy"
     train(config(assets, out, teacher=teacher_file, weights="fp", stage="kd", max_steps=2, lr=1e-12,
                  method="steady_state"), progress=False)
     (record,) = read_metrics(out)
-    assert record["train_loss"] < 1e-12 and set(record["kd_hidden"]) == {"embeddings", "layer.0.output", "layer.1.output"}
+    assert record["train_loss"] < 1e-12
+    assert set(record["kd_hidden"]) == {"embeddings", "layer.0.output", "layer.1.output"}
     out = tmp_path / "ternary"
     train(config(assets, out, teacher=teacher_file, weights="ternary", stage="all", max_steps=1, lr=1e-12,
                  method="steady_state"), progress=False)
