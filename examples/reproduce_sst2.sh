@@ -342,3 +342,9 @@ for n in 1bit 1.58bit; do
   spikesim energy --checkpoint checkpoints/sst2-fp.pt --checkpoint checkpoints/sst2-$n.pt --task sst2 --data "$G" \
       --limit 128 --timesteps 16 --initial-membrane 0.5 --json > results/sst2/energy-fp-vs-$n-half-T16.json
 done
+#     and a quarter of the threshold (3-5 min each; results/sst2/sweep-NAME-quarter.json): fp 79.4 / 83.3 / 86.6 at
+#     T = 8 / 16 / 80, 1-bit 77.3 / 83.9 / 84.9, 1.58-bit 62.4 / 81.7 / 84.3
+for n in fp 1bit 1.58bit; do
+  spikesim eval --checkpoint checkpoints/sst2-$n.pt --task sst2 --data "$G" --timesteps 80 --sweep 8,12,16,32,80 \
+      --initial-membrane 0.25 --label $n-quarter --out results/sst2/sweep-$n-quarter.json
+done
