@@ -32,14 +32,11 @@ def _resolve_device(device: str) -> str:
 
 def _load(checkpoint: str, initial_membrane: float | None = None):
     from .checkpoint import load_checkpoint
-    from .hf import load_tokenizer, tokenizer_from_meta
+    from .hf import checkpoint_tokenizer
 
     ckpt = load_checkpoint(checkpoint)
     apply_initial_membrane(ckpt.model, initial_membrane)
-    tokenizer = tokenizer_from_meta(ckpt.meta)
-    if tokenizer is None:
-        tokenizer = load_tokenizer(ckpt.meta.get("tokenizer_path"))
-    return ckpt, tokenizer
+    return ckpt, checkpoint_tokenizer(ckpt.meta)
 
 
 def _inputs(model, texts, task, data, split, limit):

@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from .cli import apply_initial_membrane, echo_json, initial_membrane_option, log, positive_int
+from .evaluation import PREDICTION_KINDS
 
 COMMANDS: list[click.Command] = []
 
@@ -274,7 +275,7 @@ def evaluate(checkpoint, task, data_dir, split, timesteps, sweep, adaptive, adap
     from .errors import ConfigError
     from .evaluation import evaluate_adaptive, evaluate_analog, metrics_by_timesteps, sweep_logits
     from .fileio import atomic_write_text
-    from .hf import load_tokenizer, tokenizer_from_meta
+    from .hf import checkpoint_tokenizer
     from .trainer import evaluate_student, resolve_device
 
     options = _adaptive_options(adaptive_window, adaptive_asr_tol, adaptive_value_tol, adaptive_min_steps,
@@ -287,7 +288,7 @@ def evaluate(checkpoint, task, data_dir, split, timesteps, sweep, adaptive, adap
                           f"needs {info.num_labels}")
     if max_length > model.config.max_position_embeddings:
         raise ConfigError(f"max_length {max_length} exceeds the model's {model.config.max_position_embeddings} positions")
-    tokenizer = tokenizer_from_meta(ckpt.meta) or load_tokenizer(ckpt.meta.get("tokenizer_path"))
+    tokenizer = checkpoint_tokenizer(ckpt.meta)
     split_data = load_glue(info.name, split, data_dir, limit=limit)
     if len(split_data) == 0:
         raise ConfigError(f"task {info.name} split {split} has no examples")
@@ -356,10 +357,10 @@ def evaluate(checkpoint, task, data_dir, split, timesteps, sweep, adaptive, adap
 @click.command()
 @click.argument("report_a", type=click.Path(dir_okay=False))
 @click.argument("report_b", type=click.Path(dir_okay=False))
-@click.option("--which", type=click.Choice(["spiking", "analog", "adaptive"]), default="spiking", show_default=True,
+@click.option("--which", type=click.Choice(PREDICTION_KINDS), default="spiking", show_default=True,
               help="Predictions of REPORT_A to compare: at its T, of the analog equilibrium, or adaptive "
                    "(and of REPORT_B unless --which-b).")
-@click.option("--which-b", type=click.Choice(["spiking", "analog", "adaptive"]), default=None,
+@click.option("--which-b", type=click.Choice(PREDICTION_KINDS), default=None,
               help="Predictions of REPORT_B [default: --which], e.g. one model's spiking against its analog ones.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def significance(report_a, report_b, which, which_b, as_json):

@@ -104,6 +104,12 @@ def tokenizer_to_meta(tokenizer) -> dict[str, Any]:
     return {"vocab": "\n".join(ordered), "do_lower_case": bool(lower)}
 
 
+def checkpoint_tokenizer(meta: dict[str, Any]):
+    """The tokenizer of a checkpoint: the one stored in its meta (:func:`tokenizer_from_meta`), else the
+    one its ``tokenizer_path`` names (``None``: the offline MiniLM's)."""
+    return tokenizer_from_meta(meta) or load_tokenizer(meta.get("tokenizer_path"))
+
+
 def tokenizer_from_meta(meta: dict[str, Any]):
     """Rebuild the tokenizer stored by :func:`tokenizer_to_meta` (``None`` if the meta has none)."""
     import transformers

@@ -102,7 +102,7 @@ def is_spiking(teacher: nn.Module) -> bool:
 def _load_spiking_teacher(source: str, task: str | None):
     """A spiking checkpoint as teacher: its model and the tokenizer stored in it."""
     from .checkpoint import load_checkpoint
-    from .hf import load_tokenizer, tokenizer_from_meta
+    from .hf import checkpoint_tokenizer
 
     loaded = load_checkpoint(source)
     ckpt_task = loaded.meta.get("task") or loaded.model.config.task
@@ -111,8 +111,7 @@ def _load_spiking_teacher(source: str, task: str | None):
 
         if get_task(ckpt_task).name != get_task(task).name:
             raise ConfigError(f"teacher {source} was trained on {ckpt_task}, not {get_task(task).name}")
-    tokenizer = tokenizer_from_meta(loaded.meta) or load_tokenizer(loaded.meta.get("tokenizer_path"))
-    return loaded.model, tokenizer
+    return loaded.model, checkpoint_tokenizer(loaded.meta)
 
 
 @dataclass

@@ -561,10 +561,9 @@ class Trainer:
                 raise ConfigError(f"max_length {c.max_length} exceeds the teacher's {tc.max_position_embeddings} positions")
         elif c.init not in INIT_CHOICES:
             from .checkpoint import load_checkpoint
-            from .hf import load_tokenizer, tokenizer_from_meta
+            from .hf import checkpoint_tokenizer
 
-            meta = load_checkpoint(c.init).meta
-            self.tokenizer = tokenizer_from_meta(meta) or load_tokenizer(meta.get("tokenizer_path"))
+            self.tokenizer = checkpoint_tokenizer(load_checkpoint(c.init).meta)
         else:
             from .hf import load_tokenizer
 
