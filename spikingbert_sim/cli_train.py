@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from .config import READOUTS
 from .cli import apply_initial_membrane, echo_json, initial_membrane_option, log, positive_int
 from .evaluation import PREDICTION_KINDS
 
@@ -142,6 +143,9 @@ def _layer_map(ctx, param, value):
 @click.option("--max-grad-norm", type=float, default=1.0, show_default=True, help="Gradient clipping (0: off).")
 @click.option("--feedback", is_flag=True, help="Student with a last-layer -> input feedback connection.")
 @click.option("--threshold", type=float, default=1.0, show_default=True, help="Firing threshold V_th.")
+@click.option("--readout", type=click.Choice(READOUTS), default=None,
+              help="What the student's head reads of the last layer: the [CLS] ASR (cls, the paper's) or the ASR "
+                   "averaged over the valid tokens (mean) [default: the --init checkpoint's, else cls].")
 @click.option("--solver", type=click.Choice(["fixed_point", "anderson", "broyden"]), default="anderson",
               show_default=True, help="Implicit backward solver (feedback students).")
 @click.option("--solver-tol", type=float, default=1e-4, show_default=True, help="Relative residual to stop at.")
@@ -161,7 +165,7 @@ def _layer_map(ctx, param, value):
 def train(task, data_dir, epochs, max_steps, batch_size, seed, max_length, limit, eval_limit, warmup_ratio,
           weight_decay, device, progress, log_every, out, teacher_dir, weights, timesteps, stage, lr, init, layers,
           method, resume, eval_every, save_every, eval_timesteps, layer_map, attention_kd, temperature, max_grad_norm,
-          feedback, threshold, solver, solver_tol, solver_max_iter, time_chunk, surrogate, transfer,
+          feedback, threshold, readout, solver, solver_tol, solver_max_iter, time_chunk, surrogate, transfer,
           transfer_files):
     """Distil a spiking student from a BERT teacher on a GLUE task (equilibrium gradients or BPTT)."""
     from .teacher import quiet_transformers
@@ -174,10 +178,10 @@ def train(task, data_dir, epochs, max_steps, batch_size, seed, max_length, limit
         stage=stage, epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr, seed=seed, init=init,
         layers=layers, method=method, layer_map=layer_map, attention_kd=attention_kd, temperature=temperature,
         max_length=max_length, limit=limit, warmup_ratio=warmup_ratio, weight_decay=weight_decay,
-        max_grad_norm=max_grad_norm, feedback=feedback, threshold=threshold, solver=solver, solver_tol=solver_tol,
-        solver_max_iter=solver_max_iter, time_chunk=time_chunk, surrogate=surrogate, transfer=transfer,
-        transfer_files=transfer_files, eval_every=eval_every,
-        save_every=save_every, eval_limit=eval_limit, eval_timesteps=eval_timesteps, log_every=log_every, device=device)
+        max_grad_norm=max_grad_norm, feedback=feedback, threshold=threshold, readout=readout, solver=solver,
+        solver_tol=solver_tol, solver_max_iter=solver_max_iter, time_chunk=time_chunk, surrogate=surrogate,
+        transfer=transfer, transfer_files=transfer_files, eval_every=eval_every, save_every=save_every,
+        eval_limit=eval_limit, eval_timesteps=eval_timesteps, log_every=log_every, device=device)
     result = run_training(config, resume=resume, progress=progress, command=_command_line())
     import os
 
@@ -228,9 +232,9 @@ def _predictions(info, logits) -> list:
 @click.option("--adaptive", is_flag=True,
               help="Also score with adaptive stopping: a batch stops once its output layer has settled.")
 @click.option("--adaptive-window", type=int, default=8, show_default=True, callback=positive_int,
-              help="Adaptive: steps over which every prediction and the [CLS] output ASR must hold still.")
+              help="Adaptive: steps over which every prediction and the output ASR the head reads must hold still.")
 @click.option("--adaptive-asr-tol", type=float, default=0.02, show_default=True,
-              help="Adaptive: largest mean |change| of the [CLS] output ASR over the window.")
+              help="Adaptive: largest mean |change| of the output ASR the head reads over the window.")
 @click.option("--adaptive-value-tol", type=float, default=0.05, show_default=True,
               help="Adaptive, regression tasks: largest spread of the predicted value over the window.")
 @click.option("--adaptive-min-steps", type=int, default=8, show_default=True, callback=positive_int,
@@ -303,7 +307,7 @@ def evaluate(checkpoint, task, data_dir, split, timesteps, sweep, adaptive, adap
     report = {"checkpoint": str(checkpoint), "label": label or Path(checkpoint).stem, "task": info.name,
               "split": split_data.split, "examples": len(split_data), "timesteps": timesteps,
               "weight_mode": model.config.weight_mode, "main_metric": info.main_metric,
-              "initial_membrane": model.config.initial_membrane,
+              "initial_membrane": model.config.initial_membrane, "readout": model.config.readout,
               # where it ran: float32 sums in another order (another thread count or device) can move a
               # membrane that sits on its threshold across it, which flips a sentence now and then
               "device": str(dev), "threads": torch.get_num_threads(), "torch": torch.__version__}

@@ -11,6 +11,9 @@ from typing import Any
 from .errors import ConfigError
 
 WEIGHT_MODES = ("fp", "binary", "ternary")
+READOUTS = ("cls", "mean")
+"""What the head reads (SPEC §3 names ``cls``): ``cls`` the final layer's ASR at the [CLS] position,
+``mean`` its ASR averaged over the sequence's valid (non-padding) tokens."""
 """Weight precision of every linear projection inside the encoder (SPEC §4):
 ``fp`` full precision, ``binary`` 1-bit {±1}·β, ``ternary`` 1.58-bit {-1, 0, 1}·γ."""
 
@@ -38,6 +41,7 @@ class SpikingBertConfig:
     # U[0] as a fraction of V_th; 0 (the paper's) makes a T-step rate floor(T·I/V_th)/T, 0.5 rounds
     # instead: half the worst-case error of a finite simulation and no bias (Bu et al. 2022)
     initial_membrane: float = 0.0
+    readout: str = "cls"  # what the head reads: cls | mean (see READOUTS)
     feedback: bool = False  # optional feedback connection from the last layer to the input layer
     quant_eps: float = 1e-5  # ε in the 1.58-bit quantizer's RoundClip(W / (γ_w + ε))
     label_names: tuple[str, ...] = field(default_factory=tuple)  # optional class names of the head
@@ -68,6 +72,8 @@ class SpikingBertConfig:
                 f"({self.num_attention_heads})")
         if self.weight_mode not in WEIGHT_MODES:
             raise ConfigError(f"weight_mode must be one of {', '.join(WEIGHT_MODES)}, got {self.weight_mode!r}")
+        if self.readout not in READOUTS:
+            raise ConfigError(f"readout must be one of {', '.join(READOUTS)}, got {self.readout!r}")
         if not self.threshold > 0:
             raise ConfigError(f"threshold must be > 0, got {self.threshold!r}")
         if not 0 < self.leak <= 1:
@@ -103,6 +109,8 @@ class SpikingBertConfig:
         d["label_names"] = list(self.label_names)
         if d["initial_membrane"] == 0.0:  # the default: files stay readable by versions without the field
             del d["initial_membrane"]
+        if d["readout"] == "cls":  # likewise
+            del d["readout"]
         return d
 
     @classmethod

@@ -7,7 +7,8 @@ Counting rules, per sequence, over the valid (non-padding) tokens and all T step
   attention a key spike adds one real query element per query token, a value spike one real
   probability per query token. Spike × {±1, 0} is an integer accumulate; spike × real weight a
   floating-point add.
-* **Real inputs cost multiply-accumulates (MAC):** the classifier on the real-valued [CLS] ASR,
+* **Real inputs cost multiply-accumulates (MAC):** the classifier on the real-valued [CLS] ASR
+  (a ``mean`` readout first sums the output spike counts over the tokens: integer adds),
   and the per-step rescaling of quantized layers' integer sums (one multiply per output neuron).
 * **Normalized OPS** (the paper's measure): Σ over layers of (spikes per neuron of the layer's
   input over the T steps) × (the layer's operation count in the equivalent non-spiking network).
@@ -117,10 +118,12 @@ def energy_report(model: SpikingBertForSequenceClassification, result: Simulatio
         add(site("attention_context"), site("value"), spikes[site("value")] * tokens, 0.0, tokens * tokens * D, False)
         prev = site("output")
     head = model.classifier
+    head_macs = float(head.in_features * head.out_features)
+    # a mean readout first sums the output layer's spike counts over the valid tokens (integer adds)
+    pooling = tokens * head.in_features if cfg.readout == "mean" else 0.0
     report.layers.append(LayerEnergy(
         name="classifier", input_site=model.output_site, input_spikes_per_neuron=spn[model.output_site],
-        accumulates=0.0, macs=float(head.in_features * head.out_features), integer_acs=False,
-        dense_ops=float(head.in_features * head.out_features), normalized_ops=float(head.in_features * head.out_features),
-        energy_pj=head.in_features * head.out_features * costs.mac_fp32,
-        dense_energy_pj=head.in_features * head.out_features * costs.mac_fp32))
+        accumulates=pooling, macs=head_macs, integer_acs=pooling > 0, dense_ops=head_macs, normalized_ops=head_macs,
+        energy_pj=pooling * costs.add_int32 + head_macs * costs.mac_fp32,
+        dense_energy_pj=head_macs * costs.mac_fp32))
     return report

@@ -78,7 +78,7 @@ class StudentOutput:
     through the steady-state graph (equilibrium) or the unrolled surrogate graph (BPTT).
     """
 
-    logits: Tensor  # (B, num_labels), the head on the final layer's [CLS] ASR
+    logits: Tensor  # (B, num_labels), the head on the final layer's [CLS] ASR (or token mean)
     asr: dict[str, Tensor]  # requested sites -> (B, L, width) differentiable ASR
     attention_scores: dict[str, Tensor] = field(default_factory=dict)  # "layer.i.attention_scores" -> (B, H, L, L)
     measured: dict[str, Tensor] | None = None  # every site's measured ASR a* (equilibrium only), detached
@@ -326,7 +326,7 @@ def equilibrium_forward(model: SpikingBertForSequenceClassification, input_ids: 
         z = ImplicitBackward.apply(z1, context)
         recording[0] = True
         final = model.encode(model.input_current(embedded, z), fire, mask_bias, observe if attention_scores else None)
-    logits = model.readout(final)
+    logits = model.readout(final, attention_mask)
     return StudentOutput(logits=logits, asr=asr, attention_scores=scores,
                          measured={k: v.detach() for k, v in measured.items()}, solver_stats=stats)
 
@@ -361,7 +361,7 @@ def steady_state_forward(model: SpikingBertForSequenceClassification, input_ids:
         return out
 
     final = model.encode(embedded, fire, mask_bias, scores.__setitem__ if attention_scores else None)
-    return StudentOutput(logits=model.readout(final), asr=asr, attention_scores=scores,
+    return StudentOutput(logits=model.readout(final, attention_mask), asr=asr, attention_scores=scores,
                          measured={k: v.detach() for k, v in asr.items()})
 
 
@@ -384,9 +384,9 @@ def bptt_forward(model: SpikingBertForSequenceClassification, input_ids: Tensor,
                  surrogate: str = "atan") -> StudentOutput:
     """Unroll T steps through snnTorch neurons with a surrogate gradient (backprop through time).
 
-    Returns the ASR (Eqn 2) of the requested sites after T steps and the logits on the final
-    layer's [CLS] ASR; attention scores are averaged over the T steps. Autograd keeps every step's
-    activations, so memory grows linearly with T.
+    Returns the ASR (Eqn 2) of the requested sites after T steps and the head's logits on the final
+    layer's ASR ([CLS] or token mean, ``config.readout``); attention scores are averaged over the T
+    steps. Autograd keeps every step's activations, so memory grows linearly with T.
     """
     check_positive("timesteps", timesteps)
     keep = _sites(model, sites) | {model.output_site}
@@ -417,7 +417,7 @@ def bptt_forward(model: SpikingBertForSequenceClassification, input_ids: Tensor,
                             observe if attention_scores else None)
     norm = float(asr_weights(timesteps, leak)[-1])
     asr = {site: a / norm for site, a in acc.items()}
-    logits = model.readout(asr[model.output_site])
+    logits = model.readout(asr[model.output_site], attention_mask)
     requested = _sites(model, sites)
     return StudentOutput(logits=logits, asr={s: asr[s] for s in requested},
                          attention_scores={k: v / timesteps for k, v in score_sums.items()})

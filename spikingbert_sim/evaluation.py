@@ -3,7 +3,7 @@
 * :func:`evaluate_student`: the task's metrics after ``timesteps`` steps of spiking simulation.
 * :func:`sweep_timesteps`: metrics at every T of a list from *one* simulation of the largest T
   (:func:`sweep_logits`: the logits themselves).
-  The head reads the [CLS] ASR after every step (``RecordOptions(logits_trace=True)``) and a
+  The head reads the output ASR after every step (``RecordOptions(logits_trace=True)``) and a
   T-step run's logits are exactly that trace's T-th entry (the dynamics are causal), so an
   accuracy-versus-time-steps curve costs one simulation instead of one per point.
 * :func:`evaluate_adaptive`: every batch stops once its output layer has settled

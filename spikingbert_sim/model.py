@@ -142,7 +142,8 @@ class SequenceClassifierOutput:
 
 
 class SpikingBertForSequenceClassification(nn.Module):
-    """Input spiking layer, N spiking encoder layers, and a linear head on the final [CLS] ASR.
+    """Input spiking layer, N spiking encoder layers, and a linear head on the final [CLS] ASR
+    (or, with ``config.readout = "mean"``, on the final ASR averaged over the valid tokens).
 
     With ``config.feedback`` the input layer also receives ``W_fb · (last layer's output)`` from
     the previous time step, which makes the equilibrium a true fixed point (SPEC §5).
@@ -207,9 +208,22 @@ class SpikingBertForSequenceClassification(nn.Module):
             x = layer(x, fire, mask_bias, observe)
         return x
 
-    def readout(self, final_asr: Tensor) -> Tensor:
-        """Head on the final layer's [CLS] activity: (..., B, L, D) -> (..., B, num_labels)."""
-        return self.classifier(final_asr[..., 0, :])
+    def pool(self, final: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """What the head reads of the final layer's activity (ASRs or spikes, it is linear):
+        (..., B, L, D) -> (..., B, D). ``config.readout`` ``cls``: the [CLS] position; ``mean``: the
+        mean over valid tokens (``attention_mask`` (B, L), 1 for a token and 0 for padding; None:
+        every position is a token)."""
+        if self.config.readout == "cls":
+            return final[..., 0, :]
+        if attention_mask is None:
+            return final.mean(-2)
+        weights = attention_mask.to(final.dtype)
+        weights = weights / weights.sum(-1, keepdim=True).clamp_min(1.0)  # (B, L)
+        return (final * weights[..., None]).sum(-2)
+
+    def readout(self, final_asr: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """The head on the final layer's activity (:meth:`pool`): (..., B, L, D) -> (..., B, num_labels)."""
+        return self.classifier(self.pool(final_asr, attention_mask))
 
     # --- conveniences ---------------------------------------------------------------------
 

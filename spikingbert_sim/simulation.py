@@ -56,13 +56,13 @@ class RecordOptions:
 class AdaptiveOptions:
     """Stop a batch early once its output layer has settled (``simulate(..., adaptive=...)``).
 
-    The head reads the final layer's [CLS] ASR after every step. Every ``check_every`` steps, from
-    step ``min_steps`` on, the batch stops at step t when *every* sequence has settled over the
-    window (t − ``window``, t]:
+    The head reads the final layer's [CLS] ASR (or its token mean: ``config.readout``) after every
+    step. Every ``check_every`` steps, from step ``min_steps`` on, the batch stops at step t when
+    *every* sequence has settled over the window (t − ``window``, t]:
 
     * its prediction did not change: the same class at every step of the window (classifiers), or
       a spread of at most ``value_tol`` (regression heads);
-    * its [CLS] output-layer ASR moved by at most ``asr_tol``: the mean over neurons of
+    * the output-layer ASR the head reads moved by at most ``asr_tol``: the mean over neurons of
       |a[t] − a[t − window]| ≤ ``asr_tol``.
 
     The decision at step t uses only steps ≤ t, so stopping changes nothing that was computed:
@@ -71,7 +71,7 @@ class AdaptiveOptions:
     """
 
     window: int = 8  # steps the prediction and the ASR must hold still
-    asr_tol: float = 0.02  # mean |Δ ASR| of the [CLS] output neurons over the window
+    asr_tol: float = 0.02  # mean |Δ ASR| of the read output neurons ([CLS] or token mean) over the window
     value_tol: float = 0.05  # regression heads: spread of the predicted value over the window
     min_steps: int = 8  # never stop before this step
     check_every: int = 4  # steps between checks (the fast engine's time chunk)
@@ -149,11 +149,12 @@ class Recorder:
         self.timesteps = timesteps  # the most steps an engine may run
         self.adaptive = adaptive
         self.output_site = model.output_site
-        self._readout = model.readout
+        self._pool, self._head = model.pool, model.classifier
+        self._pool_all = model.config.readout != "cls"  # whether the head reads every token or [CLS] only
         self.dtype = model.classifier.weight.dtype
         self.track_readout = self.options.logits_trace or adaptive is not None
-        self._cls_weighted: Tensor | None = None  # Σ γ^{t-τ} s[τ] of the [CLS] output neurons, (B, D)
-        self._cls_history: list[Tensor] = []  # [CLS] output ASR after each step, (B, D) each
+        self._read_weighted: Tensor | None = None  # Σ γ^{t-τ} s[τ] of the output neurons the head reads
+        self._pooled_history: list[Tensor] = []  # what the head read after each step, (B, D) each
         self._logit_steps: list[Tensor] = []  # head output after each step, (B, C) each
         self.stop_step: int | None = None  # the step an adaptive run stopped at
         self.leak = float(model.config.leak)
@@ -227,24 +228,26 @@ class Recorder:
         return sum(int(c.numel()) for c in self.step_means[self.output_site])
 
     def readout_block(self, spikes: Tensor) -> None:
-        """Apply the head to the [CLS] output ASR after each of consecutive steps (t, B, L, D) of
-        the output site's spikes. Engines that record statistics in a kernel call this themselves."""
-        # the same arithmetic as block() and final_asr(), so the last step's logits equal the result's
-        cls = spikes[:, :, 0, :].to(self.dtype)  # (t, B, D)
-        t0 = len(self._cls_history)
-        acc = self._cls_weighted
-        for i, s in enumerate(cls):
+        """Apply the head to the output ASR (the [CLS] position's, or every token's for a ``mean``
+        readout) after each of consecutive steps (t, B, L, D) of the output site's spikes. Engines
+        that record statistics in a kernel call this themselves."""
+        # the same arithmetic as block(), final_asr() and model.readout(), so the last step's logits
+        # equal the result's
+        read = (spikes if self._pool_all else spikes[:, :, :1, :]).to(self.dtype)  # (t, B, L or 1, D)
+        t0 = len(self._pooled_history)
+        acc = self._read_weighted
+        for i, s in enumerate(read):
             acc = s.clone() if acc is None else (acc + s if self.leak == 1.0 else self.leak * acc + s)
-            asr = acc / float(self._norm[t0 + i])
-            self._cls_history.append(asr)
-            self._logit_steps.append(self._readout(asr.unsqueeze(-2)))
-        self._cls_weighted = acc
+            pooled = self._pool(acc / float(self._norm[t0 + i]), self.mask)  # (B, D)
+            self._pooled_history.append(pooled)
+            self._logit_steps.append(self._head(pooled))
+        self._read_weighted = acc
 
     def should_stop(self) -> bool:
         """Whether an adaptive run may stop after the steps recorded so far (see
         :class:`AdaptiveOptions`); engines ask after every chunk (the reference after every step)."""
         a = self.adaptive
-        t = len(self._cls_history)
+        t = len(self._pooled_history)
         if a is None or self.stop_step is not None:
             return self.stop_step is not None
         if t < max(a.min_steps, a.window + 1) or t >= self.timesteps or t % a.check_every:
@@ -256,7 +259,7 @@ class Recorder:
         else:
             classes = recent.argmax(-1)
             steady = bool((classes == classes[-1]).all())
-        moved = (self._cls_history[t - 1] - self._cls_history[t - 1 - a.window]).abs().mean(-1)  # (B,)
+        moved = (self._pooled_history[t - 1] - self._pooled_history[t - 1 - a.window]).abs().mean(-1)  # (B,)
         if steady and bool((moved <= a.asr_tol).all()):
             self.stop_step = t
             return True
@@ -375,7 +378,8 @@ def simulate(model: SpikingBertForSequenceClassification, input_ids: Tensor,
         adaptive: stop before ``timesteps`` once the output layer has settled (see
             :class:`AdaptiveOptions`); ``result.timesteps`` is then the step it stopped at.
 
-    Returns a :class:`SimulationResult`; its logits come from the final layer's [CLS] ASR.
+    Returns a :class:`SimulationResult`; its logits come from the final layer's [CLS] ASR
+    (or its token mean: ``config.readout``).
     """
     return _simulate(model, input_ids, attention_mask, token_type_ids, timesteps, engine, record,
                      adaptive=adaptive)
@@ -413,7 +417,7 @@ def _simulate(model: SpikingBertForSequenceClassification, input_ids: Tensor,
                 _run_reference(model, embedded, mask_bias, timesteps, recorder)
             else:
                 _run_fast(model, embedded, mask_bias, timesteps, recorder, options)
-            logits = model.readout(recorder.final_asr(model.output_site).to(embedded.dtype))
+            logits = model.readout(recorder.final_asr(model.output_site).to(embedded.dtype), attention_mask)
             return recorder.finish(logits)
     finally:
         if switch:

@@ -49,6 +49,7 @@ import torch
 from torch import Tensor, nn
 
 from .distill import STAGES, Distiller, default_layer_map, label_loss, prediction_loss
+from .config import READOUTS
 from .equilibrium import METHODS, SURROGATES, student_forward
 from .errors import CheckpointError, ConfigError, DataError
 from .evaluation import evaluate_student, trim_batch
@@ -185,6 +186,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # gradient clipping (0 disables)
     feedback: bool = False  # student with a last-layer -> input feedback connection
     threshold: float = 1.0  # V_th of the student's neurons
+    readout: str | None = None  # what the head reads (config.READOUTS); None: the --init checkpoint's, else cls
     solver: str = "anderson"  # implicit backward solver (feedback only)
     solver_tol: float = 1e-4
     solver_max_iter: int = 30
@@ -220,6 +222,8 @@ class TrainConfig:
             raise ConfigError(f"temperature must be > 0, got {self.temperature!r}")
         if not self.threshold > 0:
             raise ConfigError(f"threshold must be > 0, got {self.threshold!r}")
+        if self.readout is not None and self.readout not in READOUTS:
+            raise ConfigError(f"readout must be one of {', '.join(READOUTS)}, got {self.readout!r}")
         if not self.solver_tol > 0:
             raise ConfigError(f"solver_tol must be > 0, got {self.solver_tol!r}")
         if not self.max_grad_norm >= 0:
@@ -577,6 +581,8 @@ class Trainer:
         info = self.info
         extra = dict(task=info.name, threshold=c.threshold, feedback=c.feedback,
                      label_names=tuple(info.label_names) if not info.is_regression else ())
+        if c.readout is not None:
+            extra["readout"] = c.readout
         torch.manual_seed(c.seed)
         if c.init == "teacher" and is_spiking(self.teacher):  # a spiking teacher: start as a copy of it
             model = self._student_from_checkpoint(c.teacher, info, extra)
@@ -678,6 +684,8 @@ class Trainer:
         fingerprint_config = {k: v for k, v in c.to_dict().items() if k not in RUN_ONLY_FIELDS}
         if not c.transfer:  # runs saved before --transfer existed resume unchanged
             del fingerprint_config["transfer"]
+        if c.readout is None:  # likewise for --readout
+            del fingerprint_config["readout"]
         fingerprint_config.update(world_size=self.dist.world_size, train_data_sha256=self.data_hash,
                                   teacher_sha256=self.teacher_id)
         self.fingerprint_config = fingerprint_config

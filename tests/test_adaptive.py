@@ -18,9 +18,9 @@ def _ids(B=3, L=7, seed=3, vocab=40):
 
 
 @pytest.mark.parametrize("engine", ["fast", "reference"])
-@pytest.mark.parametrize("mode", ["fp", "ternary"])
-def test_logits_trace_equals_fixed_timestep_runs(make_model, engine, mode):
-    model = make_model(mode, num_labels=2).double()
+@pytest.mark.parametrize("mode,readout", [("fp", "cls"), ("ternary", "cls"), ("fp", "mean"), ("ternary", "mean")])
+def test_logits_trace_equals_fixed_timestep_runs(make_model, engine, mode, readout):
+    model = make_model(mode, num_labels=2, readout=readout).double()
     ids, mask = _ids()
     full = simulate(model, ids, mask, timesteps=12, engine=engine, record=RecordOptions(logits_trace=True))
     assert full.logits_trace.shape == (12, 3, 2)
@@ -31,8 +31,9 @@ def test_logits_trace_equals_fixed_timestep_runs(make_model, engine, mode):
     assert (full.logits_trace[0] - full.logits_trace[-1]).abs().max() > 1e-3
 
 
-def test_adaptive_stop_equals_a_fixed_run_of_that_length(make_model):
-    model = make_model("ternary", num_labels=2).double()
+@pytest.mark.parametrize("readout", ["cls", "mean"])
+def test_adaptive_stop_equals_a_fixed_run_of_that_length(make_model, readout):
+    model = make_model("ternary", num_labels=2, readout=readout).double()
     ids, mask = _ids()
     loose = AdaptiveOptions(window=4, asr_tol=1.0, min_steps=4, check_every=2)
     r = simulate(model, ids, mask, timesteps=40, adaptive=loose, record=RecordOptions(logits_trace=True))

@@ -389,3 +389,22 @@ def test_spiking_teacher_refusals(assets, tmp_path):
     with pytest.raises(ConfigError, match="layers"):
         train(config(assets, tmp_path / "w", teacher=str(tmp_path / "stsb" / "last.pt"), task="stsb", layers=3),
               progress=False)
+
+
+def test_readout_option_sets_the_students_head_and_a_checkpoints_is_kept(assets, tmp_path):
+    first = tmp_path / "mean"
+    train(config(assets, first, stage="predict", max_steps=1, readout="mean"), progress=False)
+    assert load_checkpoint(first / "last.pt").model.config.readout == "mean"  # from the teacher's layers
+    kept = tmp_path / "kept"
+    train(config(assets, kept, stage="finetune", max_steps=1, teacher=None, init=str(first / "last.pt")),
+          progress=False)
+    assert load_checkpoint(kept / "last.pt").model.config.readout == "mean"  # --init's readout by default
+    back = tmp_path / "back"
+    train(config(assets, back, stage="finetune", max_steps=1, teacher=None, init=str(first / "last.pt"),
+                 readout="cls"), progress=False)
+    assert load_checkpoint(back / "last.pt").model.config.readout == "cls"
+    with pytest.raises(ConfigError, match="readout must be one of cls, mean"):
+        config(assets, tmp_path / "x", readout="max")
+    # a run resumes only with the readout it was started with
+    with pytest.raises(ConfigError, match="readout 'mean' there vs 'cls' here"):
+        train(config(assets, first, stage="predict", max_steps=1, readout="cls"), resume=True, progress=False)
