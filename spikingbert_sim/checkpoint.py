@@ -175,9 +175,15 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 
 
 # Meta entries that describe one training run's point (its step, stage, scores, producing command): an
-# average of several checkpoints is none of them, so they are not carried over to it.
+# average of several checkpoints, or a widened copy, is none of them, so they are not carried over to it.
 _RUN_POINT_META = ("step", "stage", "dev_metrics", "command", "exported_from", "export_command",
-                   "averaged_from", "average_weights", "quantized_disagreement")
+                   "averaged_from", "average_weights", "quantized_disagreement", "widened_from")
+
+
+def derived_meta(meta: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's meta for a model derived from it (an average, a widened copy): the task,
+    tokenizer and lineage, without the entries that describe the source's run point."""
+    return {k: v for k, v in meta.items() if k not in _RUN_POINT_META}
 
 
 def _quantized_values(model: SpikingBertForSequenceClassification) -> dict[str, torch.Tensor]:
@@ -249,6 +255,6 @@ def average_checkpoints(paths: list[str | os.PathLike], weights: list[float] | N
     total_values = sum(v.numel() for v in average_values.values())
     disagreement = None if not total_values else [
         sum(int(v.ne(values[k]).sum()) for k, v in average_values.items()) / total_values for values in member_values]
-    meta = {k: v for k, v in first.meta.items() if k not in _RUN_POINT_META}
+    meta = derived_meta(first.meta)
     meta.update(averaged_from=paths, average_weights=[w / total for w in weights], quantized_disagreement=disagreement)
     return model.eval(), meta

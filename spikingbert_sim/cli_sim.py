@@ -290,6 +290,43 @@ def average(checkpoints, weights, out, force):
 
 @_command
 @click.command()
+@click.option("--checkpoint", "-c", required=True, type=click.Path(dir_okay=False),
+              help="A trained spiking checkpoint (a run's last.pt / best.pt, or an export).")
+@click.option("--intermediate-size", required=True, type=int, callback=positive_int,
+              help="The new width of every intermediate layer: a multiple of the current one (e.g. 3072, the paper's).")
+@click.option("--noise", type=float, default=0.0, show_default=True,
+              help="Gaussian noise, in standard deviations of each widened matrix, on the copies' weights, so that "
+                   "training can tell them apart (0: exactly the same function).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the noise.")
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False),
+              help="Checkpoint to write (latent weights: train from it with `spikesim train --init`).")
+@click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
+def widen(checkpoint, intermediate_size, noise, seed, out, force):
+    """Widen a model's intermediate layers by copying neurons (Net2Net): the same spikes and logits.
+
+    Each intermediate neuron is copied k times and its outgoing weights divided by k, for fp, 1-bit
+    and 1.58-bit weights alike; --noise breaks the copies' symmetry for further training.
+    """
+    from .checkpoint import derived_meta, load_checkpoint, save_checkpoint
+    from .widen import widen_intermediate
+
+    if Path(out).resolve() == Path(checkpoint).resolve():
+        raise click.UsageError("--out must differ from --checkpoint")
+    if Path(out).exists() and not force:
+        raise click.UsageError(f"{out} exists; pass --force to overwrite it")
+    loaded = load_checkpoint(checkpoint)
+    before = loaded.model.config.intermediate_size
+    model = widen_intermediate(loaded.model, intermediate_size, noise=noise, seed=seed)
+    meta = derived_meta(loaded.meta)
+    meta.update(widened_from=str(checkpoint),
+                command="spikesim widen " + " ".join(shlex.quote(a) for a in sys.argv[2:]))
+    save_checkpoint(model, out, meta=meta, packed=False, half_embeddings=False)
+    click.echo(f"wrote {out}: intermediate layers {before} -> {intermediate_size} wide (noise {noise:g}), "
+               f"weights {model.config.weight_mode}, {Path(out).stat().st_size / 1e6:.1f} MB (latent)")
+
+
+@_command
+@click.command()
 @click.option("--checkpoint", "-c", "checkpoints", multiple=True, required=True, type=click.Path(dir_okay=False),
               help="Checkpoint; give it twice: the full-precision model first, the quantized one second.")
 @input_options

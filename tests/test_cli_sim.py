@@ -82,7 +82,7 @@ def test_version(runner):
     assert result.output.strip() == f"spikesim, version {__version__}"
 
 
-@pytest.mark.parametrize("command", ["run", "convert", "compare", "plot", "energy", "export", "average"])
+@pytest.mark.parametrize("command", ["run", "convert", "compare", "plot", "energy", "export", "average", "widen"])
 def test_help_of_each_command(runner, command):
     result = assert_ok(invoke(runner, command, "--help"))
     assert result.output.startswith(f"Usage: main {command} [OPTIONS]")
@@ -92,7 +92,7 @@ def test_help_of_each_command(runner, command):
 
 def test_group_help_lists_commands(runner):
     out = assert_ok(invoke(runner, "--help")).output
-    for command in ("run", "convert", "compare", "plot", "energy", "export", "average"):
+    for command in ("run", "convert", "compare", "plot", "energy", "export", "average", "widen"):
         assert f"  {command} " in out
 
 
