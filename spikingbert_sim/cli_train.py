@@ -9,8 +9,8 @@ from pathlib import Path
 
 import click
 
-from .config import READOUTS
 from .cli import apply_initial_membrane, echo_json, initial_membrane_option, log, positive_int
+from .config import READOUTS
 from .evaluation import PREDICTION_KINDS
 
 COMMANDS: list[click.Command] = []

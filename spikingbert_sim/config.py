@@ -11,11 +11,11 @@ from typing import Any
 from .errors import ConfigError
 
 WEIGHT_MODES = ("fp", "binary", "ternary")
+"""Weight precision of every linear projection inside the encoder (SPEC §4):
+``fp`` full precision, ``binary`` 1-bit {±1}·β, ``ternary`` 1.58-bit {-1, 0, 1}·γ."""
 READOUTS = ("cls", "mean")
 """What the head reads (SPEC §3 names ``cls``): ``cls`` the final layer's ASR at the [CLS] position,
 ``mean`` its ASR averaged over the sequence's valid (non-padding) tokens."""
-"""Weight precision of every linear projection inside the encoder (SPEC §4):
-``fp`` full precision, ``binary`` 1-bit {±1}·β, ``ternary`` 1.58-bit {-1, 0, 1}·γ."""
 
 
 @dataclass(frozen=True)

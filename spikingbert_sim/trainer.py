@@ -48,8 +48,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .distill import STAGES, Distiller, default_layer_map, label_loss, prediction_loss
 from .config import READOUTS
+from .distill import STAGES, Distiller, default_layer_map, label_loss, prediction_loss
 from .equilibrium import METHODS, SURROGATES, student_forward
 from .errors import CheckpointError, ConfigError, DataError
 from .evaluation import evaluate_student, trim_batch

@@ -10,7 +10,7 @@ round-offs of every entry, and dividing every column by ``k`` divides mean |W| b
 so the 1-bit and 1.58-bit values repeat and their scale divides by ``k``.
 
 Copies that stay equal also stay equal under training (equal inputs, equal gradients): ``noise``
-adds Gaussian noise of that many standard deviations of each matrix to the copies' latent
+adds Gaussian noise of that many standard deviations of each widened matrix to its (latent)
 weights, which breaks the tie at the cost of an approximate start. The wider network is trained
 further from the returned model (e.g. ``spikesim train --init WIDE.pt``): more intermediate neurons
 at the same hidden width, as the paper's students have (intermediate 3072).
