@@ -30,6 +30,7 @@ identical); ``batch_size`` is per process. Only rank 0 evaluates and writes file
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import json
@@ -585,7 +586,7 @@ class Trainer:
             extra["readout"] = c.readout
         torch.manual_seed(c.seed)
         if c.init == "teacher" and is_spiking(self.teacher):  # a spiking teacher: start as a copy of it
-            model = self._student_from_checkpoint(c.teacher, info, extra)
+            model = self._student_from_checkpoint(c.teacher, info, extra, loaded=copy.deepcopy(self.teacher))
         elif c.init == "teacher":
             if 0 in self.layer_map:
                 raise ConfigError(f"layer map {self.layer_map} matches a student layer to the embeddings; "
@@ -613,11 +614,17 @@ class Trainer:
             raise ConfigError(f"max_length {c.max_length} exceeds the student's {model.config.max_position_embeddings} positions")
         return model
 
-    def _student_from_checkpoint(self, path: str, info, extra: dict[str, Any]) -> SpikingBertForSequenceClassification:
+    def _student_from_checkpoint(self, path: str, info, extra: dict[str, Any],
+                                 loaded: SpikingBertForSequenceClassification | None = None,
+                                 ) -> SpikingBertForSequenceClassification:
+        """A student that starts as the spiking model in ``path`` (``loaded``: that model, already
+        read, e.g. a copy of the spiking teacher; it is thawed in place)."""
         from .checkpoint import load_checkpoint
 
         c = self.config
-        loaded = load_checkpoint(path).model.thaw_quantized(c.weights)  # packed: latent weights that quantize back
+        if loaded is None:
+            loaded = load_checkpoint(path).model
+        loaded = loaded.thaw_quantized(c.weights)  # packed: latent weights that quantize back
         if loaded.config.num_hidden_layers != c.layers:
             raise ConfigError(f"{path} has {loaded.config.num_hidden_layers} layers but --layers is {c.layers}")
         config = loaded.config.replace(weight_mode=c.weights, num_labels=info.num_labels, **extra)
