@@ -41,18 +41,23 @@ def positive_int(ctx, param, value):
 
 
 def initial_membrane_option(fn):
-    """``--initial-membrane``: override the checkpoint's U[0] (see :func:`apply_initial_membrane`)."""
+    """``--initial-membrane``: override the checkpoint's U[0] (see :func:`load_simulated`)."""
     return click.option("--initial-membrane", type=click.FloatRange(0, 1, max_open=True), default=None,
                         help="Start every membrane at this fraction of the threshold instead of the checkpoint's "
                              "(0, the paper's): 0.5 rounds each rate instead of flooring it, halving the error of a "
                              "finite simulation.")(fn)
 
 
-def apply_initial_membrane(model, value: float | None):
-    """Set ``model.config.initial_membrane`` to ``value`` (None: leave the checkpoint's)."""
-    if value is not None:
-        model.config = model.config.replace(initial_membrane=float(value))
-    return model
+def load_simulated(checkpoint: str, initial_membrane: float | None = None):
+    """A checkpoint to simulate and its tokenizer (stored in it, or the one it names): ``(LoadedCheckpoint,
+    tokenizer)``, the model's U[0] set to ``initial_membrane`` (``--initial-membrane``; None: the checkpoint's)."""
+    from .checkpoint import load_checkpoint
+    from .hf import checkpoint_tokenizer
+
+    ckpt = load_checkpoint(checkpoint)
+    if initial_membrane is not None:
+        ckpt.model.config = ckpt.model.config.replace(initial_membrane=float(initial_membrane))
+    return ckpt, checkpoint_tokenizer(ckpt.meta)
 
 
 def echo_json(obj) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from .cli import apply_initial_membrane, echo_json, initial_membrane_option, log, positive_int
+from .cli import echo_json, initial_membrane_option, load_simulated, log, positive_int
 from .simulation import DEFAULT_SETTLE_TOL, ENGINES, RecordOptions
 
 COMMANDS: list[click.Command] = []
@@ -28,15 +28,6 @@ def _resolve_device(device: str) -> str:
     if device == "cuda" and not torch.cuda.is_available():
         raise click.BadParameter("CUDA is not available on this machine", param_hint="--device")
     return device
-
-
-def _load(checkpoint: str, initial_membrane: float | None = None):
-    from .checkpoint import load_checkpoint
-    from .hf import checkpoint_tokenizer
-
-    ckpt = load_checkpoint(checkpoint)
-    apply_initial_membrane(ckpt.model, initial_membrane)
-    return ckpt, checkpoint_tokenizer(ckpt.meta)
 
 
 def _inputs(model, texts, task, data, split, limit):
@@ -150,7 +141,7 @@ def run(checkpoint, timesteps, texts, task, data, split, limit, engine, batch_si
     from .runner import atomic_write_text, save_traces, simulate_inputs, summarize
 
     device = _resolve_device(device)
-    ckpt, tokenizer = _load(checkpoint, initial_membrane)
+    ckpt, tokenizer = load_simulated(checkpoint, initial_membrane)
     model = ckpt.model
     inputs = _inputs(model, texts, task, data, split, limit)
     sites = set(model.site_names())
@@ -342,7 +333,7 @@ def compare(checkpoints, timesteps, texts, task, data, split, limit, engine, bat
     if len(checkpoints) != 2:
         raise click.UsageError(f"give --checkpoint exactly twice, got {len(checkpoints)}")
     device = _resolve_device(device)
-    loaded = [_load(c, initial_membrane) for c in checkpoints]
+    loaded = [load_simulated(c, initial_membrane) for c in checkpoints]
     models = [c.model for c, _ in loaded]
     if models[0].config.vocab_size != models[1].config.vocab_size:
         raise click.UsageError("the two checkpoints have different vocabularies")
@@ -461,7 +452,7 @@ def energy(checkpoints, timesteps, texts, task, data, split, limit, engine, batc
     reports = []
     inputs = None
     for path in checkpoints:
-        ckpt, tokenizer = _load(path, initial_membrane)
+        ckpt, tokenizer = load_simulated(path, initial_membrane)
         if inputs is None:
             inputs = _inputs(ckpt.model, texts, task, data, split, limit)
         r = simulate_inputs(ckpt.model, tokenizer, inputs, timesteps, engine=engine, batch_size=batch_size,

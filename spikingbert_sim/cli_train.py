@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from .cli import apply_initial_membrane, echo_json, initial_membrane_option, log, positive_int
+from .cli import echo_json, initial_membrane_option, load_simulated, log, positive_int
 from .config import READOUTS
 from .evaluation import PREDICTION_KINDS
 
@@ -274,25 +274,22 @@ def evaluate(checkpoint, task, data_dir, split, timesteps, sweep, adaptive, adap
 
     import torch
 
-    from .checkpoint import load_checkpoint
     from .data import GlueDataset, get_task, load_glue
     from .errors import ConfigError
     from .evaluation import evaluate_adaptive, evaluate_analog, metrics_by_timesteps, sweep_logits
     from .fileio import atomic_write_text
-    from .hf import checkpoint_tokenizer
     from .trainer import evaluate_student, resolve_device
 
     options = _adaptive_options(adaptive_window, adaptive_asr_tol, adaptive_value_tol, adaptive_min_steps,
                                 adaptive_check_every) if adaptive else None
     info = get_task(task)
-    ckpt = load_checkpoint(checkpoint)
-    model = apply_initial_membrane(ckpt.model, initial_membrane)
+    ckpt, tokenizer = load_simulated(checkpoint, initial_membrane)
+    model = ckpt.model
     if model.config.num_labels != info.num_labels:
         raise ConfigError(f"{checkpoint} has a {model.config.num_labels}-label head but task {info.name} "
                           f"needs {info.num_labels}")
     if max_length > model.config.max_position_embeddings:
         raise ConfigError(f"max_length {max_length} exceeds the model's {model.config.max_position_embeddings} positions")
-    tokenizer = checkpoint_tokenizer(ckpt.meta)
     split_data = load_glue(info.name, split, data_dir, limit=limit)
     if len(split_data) == 0:
         raise ConfigError(f"task {info.name} split {split} has no examples")
