@@ -13,6 +13,17 @@ POSITIVE, NEGATIVE = set(WORDS[:6]), set(WORDS[6:12])
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
+def load_example(name: str):
+    """The module ``examples/<name>.py`` (the examples are scripts, not a package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def make_tokenizer(folder: Path):
     import transformers
 
@@ -47,6 +58,24 @@ def make_teacher(folder: Path, num_labels: int = 2, seed: int = 0, **config_kwar
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def split_teacher_answers(teacher, texts: list[str]) -> list[int]:
+    """Shift the saved teacher's classifier bias so that it answers "positive" on half of ``texts``
+    (a random tiny teacher gives one answer to almost everything); its answers on them."""
+    import transformers
+
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(teacher).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(teacher)
+    with torch.no_grad():
+        enc = tok(texts, padding=True, return_tensors="pt")
+        margin = (model(**enc).logits @ torch.tensor([-1.0, 1.0])).sort().values
+        # halfway between the two middle margins: no text sits on the boundary, where float noise
+        # (another batch's padding) would decide its answer
+        half = len(texts) // 2
+        model.classifier.bias[1] -= float(margin[half - 1] + margin[half]) / 2
+        model.save_pretrained(teacher)
+        return model(**enc).logits.argmax(-1).tolist()
 
 
 def sentence(rng: random.Random, label: int) -> str:

@@ -16,7 +16,8 @@ from spikingbert_sim.cli import main
 from spikingbert_sim.data import GlueSplit, load_glue
 from spikingbert_sim.errors import ConfigError, DataError
 
-from _train_helpers import SPECIALS, WORDS, make_teacher, make_tokenizer, write_sst2, write_stsb
+from _train_helpers import (SPECIALS, WORDS, load_example, make_teacher, make_tokenizer, split_teacher_answers,
+                            write_sst2, write_stsb)
 
 
 @pytest.fixture(scope="module")
@@ -211,13 +212,7 @@ def test_cli_augment_then_train_with_the_file(tmp_path):
 
 
 def test_teacher_on_augmented_example_compares_each_copy_with_its_source(tmp_path):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "examples" / "teacher_on_augmented.py"
-    spec = importlib.util.spec_from_file_location("teacher_on_augmented", path)
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    example = load_example("teacher_on_augmented")
 
     data = write_sst2(tmp_path / "glue", n_train=12, n_dev=4)
     teacher = make_teacher(tmp_path / "teacher", seed=3)
@@ -245,24 +240,6 @@ def test_teacher_on_augmented_example_compares_each_copy_with_its_source(tmp_pat
     inputs.write_text("sentence\nthe film\n", encoding="utf-8")  # not an augment file
     with pytest.raises(DataError, match="no 'source' column"):
         example.compare(teacher, "sst2", data, inputs, n)
-
-
-def split_teacher_answers(teacher, texts: list[str]) -> list[int]:
-    """Shift the saved teacher's classifier bias so that it answers "positive" on half of ``texts``
-    (a random tiny teacher gives one answer to almost everything); its answers on them."""
-    import transformers
-
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(teacher).eval()
-    tok = transformers.AutoTokenizer.from_pretrained(teacher)
-    with torch.no_grad():
-        enc = tok(texts, padding=True, return_tensors="pt")
-        margin = (model(**enc).logits @ torch.tensor([-1.0, 1.0])).sort().values
-        # halfway between the two middle margins: no text sits on the boundary, where float noise
-        # (another batch's padding) would decide its answer
-        half = len(texts) // 2
-        model.classifier.bias[1] -= float(margin[half - 1] + margin[half]) / 2
-        model.save_pretrained(teacher)
-        return model(**enc).logits.argmax(-1).tolist()
 
 
 def test_teacher_consistent_compares_each_copy_with_its_own_source():
