@@ -28,7 +28,7 @@ from torch import Tensor
 
 from spikingbert_sim.checkpoint import load_checkpoint
 from spikingbert_sim.data import encode, get_task, load_glue
-from spikingbert_sim.equilibrium import _embed, measure_equilibrium, steady_state_equilibrium
+from spikingbert_sim.equilibrium import equilibrium_forward, steady_state_forward
 from spikingbert_sim.errors import SpikingBertError
 from spikingbert_sim.evaluation import length_batches, trim_batch
 from spikingbert_sim.fileio import atomic_write_text
@@ -57,9 +57,9 @@ def layer_features(model, teacher, tensors: dict[str, Tensor], timesteps: int | 
     sites = model.layer_output_sites()
     for idx in length_batches(tensors, batch_size):
         b = trim_batch({k: tensors[k][idx] for k in INPUTS}, "cpu")
-        embedded, mask_bias = _embed(model, b["input_ids"], b["attention_mask"], b["token_type_ids"])
-        asr = (steady_state_equilibrium(model, embedded, mask_bias) if timesteps is None
-               else measure_equilibrium(model, embedded, mask_bias, timesteps))
+        args = (b["input_ids"], b["attention_mask"], b["token_type_ids"])
+        asr = (steady_state_forward(model, *args, sites=sites) if timesteps is None
+               else equilibrium_forward(model, *args, timesteps=timesteps, sites=sites)).asr
         t = teacher_forward(teacher, b["input_ids"], b["attention_mask"], b["token_type_ids"])
         layers = [(s, asr[s]) for s in sites] + [(f"teacher.{j}", h) for j, h in enumerate(t.hidden_states)]
         for name, h in layers:

@@ -27,7 +27,7 @@ to clipping beyond the quantiles. The head, which the teacher's tanh pooler cann
 is fitted by ridge regression from the analog [CLS] rates to the teacher's logits on ``--head-rows``
 training examples. What the spiking network does with it is another matter: the softmax, LayerNorm
 and GELU act on each step's binary spikes, and a compressed code puts rates mid-way, where the
-spikes of a step are farthest from their rate (results/mrpc/README.md, step 14).
+spikes of a step are farthest from their rate (results/mrpc/README.md, step 15).
 """
 
 import argparse
@@ -39,7 +39,7 @@ from torch import Tensor
 
 from spikingbert_sim.checkpoint import save_checkpoint
 from spikingbert_sim.data import encode, get_task, load_glue
-from spikingbert_sim.equilibrium import _embed, steady_state_equilibrium
+from spikingbert_sim.equilibrium import steady_state_forward
 from spikingbert_sim.errors import SpikingBertError
 from spikingbert_sim.evaluation import length_batches, trim_batch
 from spikingbert_sim.hf import convert_from_hf, tokenizer_to_meta
@@ -153,9 +153,9 @@ def fit_head(model, teacher, tensors: dict[str, Tensor], ridge: float = 1.0) -> 
     feats = torch.empty(n, model.config.hidden_size, dtype=torch.float64)
     for idx in length_batches(tensors, 64):
         b = trim_batch({k: tensors[k][idx] for k in INPUTS}, "cpu")
-        embedded, mask_bias = _embed(model, b["input_ids"], b["attention_mask"], b["token_type_ids"])
-        feats[idx] = model.pool(steady_state_equilibrium(model, embedded, mask_bias)[model.output_site],
-                                b["attention_mask"]).double()
+        out = steady_state_forward(model, b["input_ids"], b["attention_mask"], b["token_type_ids"],
+                                   sites=[model.output_site])
+        feats[idx] = model.pool(out.asr[model.output_site], b["attention_mask"]).double()
     a = torch.cat([feats, torch.ones(n, 1, dtype=torch.float64)], 1)
     target = teacher_logits(teacher, tensors).double()
     w = torch.linalg.solve(a.T @ a + ridge * torch.eye(a.shape[1], dtype=torch.float64), a.T @ target)
@@ -167,7 +167,10 @@ def build(teacher_dir, task: str, data, layers: int, rows: int, head_rows: int, 
           seed: int):
     info = get_task(task)
     teacher, tokenizer = load_teacher(teacher_dir, info.name)
-    bert = teacher.bert
+    bert = getattr(teacher, "bert", None)
+    if bert is None:
+        raise SpikingBertError(f"{teacher_dir} is not a fine-tuned BERT folder (a spiking teacher has no values "
+                               "to calibrate to)")
     if layers > len(bert.encoder.layer):
         raise SpikingBertError(f"cannot take {layers} layers from a BERT with {len(bert.encoder.layer)}")
     train = encode(load_glue(info.name, "train", data), tokenizer)

@@ -107,3 +107,6 @@ def test_command(setup, tmp_path):
     deep = subprocess.run([sys.executable, str(EXAMPLE), "--teacher", str(teacher_dir), "--task", "sst2", "--data",
                            str(data), "--layers", "9", "--out", str(tmp_path / "y.pt")], capture_output=True, text=True)
     assert deep.returncode != 0 and deep.stderr.startswith("error:") and "Traceback" not in deep.stderr
+    spiking = subprocess.run([sys.executable, str(EXAMPLE), "--teacher", str(out), "--task", "sst2", "--data",
+                              str(data), "--out", str(tmp_path / "z.pt")], capture_output=True, text=True)
+    assert spiking.returncode != 0 and "not a fine-tuned BERT folder" in spiking.stderr
