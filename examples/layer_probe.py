@@ -33,17 +33,16 @@ from spikingbert_sim.errors import SpikingBertError
 from spikingbert_sim.evaluation import length_batches, trim_batch
 from spikingbert_sim.fileio import atomic_write_text
 from spikingbert_sim.metrics import compute_metrics
+from spikingbert_sim.model import token_mean
+from spikingbert_sim.runner import check_head_fits_task
 from spikingbert_sim.teacher import load_teacher, teacher_forward
 
-POOLS = ("cls", "mean")
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 def pool(h: Tensor, attention_mask: Tensor) -> dict[str, Tensor]:
     """(B, L, D) -> {"cls": (B, D), "mean": (B, D) over valid tokens}."""
-    w = attention_mask.to(h.dtype)
-    w = w / w.sum(-1, keepdim=True).clamp_min(1.0)
-    return {"cls": h[:, 0], "mean": (h * w[..., None]).sum(1)}
+    return {"cls": h[:, 0], "mean": token_mean(h, attention_mask)}
 
 
 @torch.no_grad()
@@ -89,9 +88,7 @@ def probe(checkpoint, teacher_dir, task: str, data, limit_train: int | None, tim
     loaded = load_checkpoint(checkpoint)
     model = loaded.model.eval()
     teacher, tokenizer = load_teacher(teacher_dir, info.name)
-    if model.config.num_labels != info.num_labels:
-        raise SpikingBertError(f"{checkpoint} has {model.config.num_labels} label(s) but task {info.name} "
-                               f"needs {info.num_labels}")
+    check_head_fits_task(model, info.name)
     train = encode(load_glue(info.name, "train", data, limit=limit_train), tokenizer)
     dev = encode(load_glue(info.name, "validation", data), tokenizer)
     f_train, t_train = layer_features(model, teacher, train, timesteps)

@@ -42,6 +42,16 @@ def attention_mask_bias(attention_mask: Tensor, dtype: torch.dtype) -> Tensor:
     return bias
 
 
+def token_mean(x: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    """Mean over the valid tokens: (..., B, L, D) -> (..., B, D); ``attention_mask`` (B, L), 1 for a
+    token and 0 for padding (None: every position is a token)."""
+    if attention_mask is None:
+        return x.mean(-2)
+    weights = attention_mask.to(x.dtype)
+    weights = weights / weights.sum(-1, keepdim=True).clamp_min(1.0)  # (B, L)
+    return (x * weights[..., None]).sum(-2)
+
+
 class SpikingBertEmbeddings(nn.Module):
     """Word + position + token-type embeddings and LayerNorm (BERT's, same parameter names).
 
@@ -215,11 +225,7 @@ class SpikingBertForSequenceClassification(nn.Module):
         every position is a token)."""
         if self.config.readout == "cls":
             return final[..., 0, :]
-        if attention_mask is None:
-            return final.mean(-2)
-        weights = attention_mask.to(final.dtype)
-        weights = weights / weights.sum(-1, keepdim=True).clamp_min(1.0)  # (B, L)
-        return (final * weights[..., None]).sum(-2)
+        return token_mean(final, attention_mask)
 
     def readout(self, final_asr: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """The head on the final layer's activity (:meth:`pool`): (..., B, L, D) -> (..., B, num_labels)."""
